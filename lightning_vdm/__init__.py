@@ -1,0 +1,1 @@
+"""Vertical deformation mappings of the training loss for PyTorch Lightning."""
