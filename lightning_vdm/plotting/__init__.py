@@ -1,0 +1,1 @@
+"""Figures of deformation derivatives, simulations and training traces; matplotlib is imported lazily."""
