@@ -1,0 +1,172 @@
+"""Shared logging schedule of the VDM monitors.
+
+A monitor collects the records that ``VDMMixin`` keeps for each training batch, without reading them on the host.
+In ``"step"`` mode it logs the mean over the micro-batches of one optimizer step, on the steps where Lightning's own
+``self.log`` would log (every ``log_every_n_steps``); in ``"epoch"`` mode it logs the mean, minimum and maximum over
+the epoch's batches at the end of the epoch. Only those logging points read values on the host and reduce them across
+processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+
+from lightning_vdm.deformations import promote_loss
+from lightning_vdm.mixin import VDMMixin, VDMRecord
+
+_LOGGING_INTERVALS = ("step", "epoch")
+
+
+class _Sample:
+    """The records of one training batch and any host-side values a monitor snapshots with them."""
+
+    __slots__ = ("records", "extra")
+
+    def __init__(self, records: list[VDMRecord], extra: Any) -> None:
+        self.records = records
+        self.extra = extra
+
+
+class _VDMMonitor(Callback):
+    """Base class: collects per-batch samples and logs them at the logging interval."""
+
+    def __init__(self, logging_interval: Literal["step", "epoch"] = "step") -> None:
+        if logging_interval not in _LOGGING_INTERVALS:
+            raise MisconfigurationException(
+                f"{type(self).__name__}: `logging_interval` must be one of {_LOGGING_INTERVALS}, "
+                f"got {logging_interval!r}."
+            )
+        self.logging_interval = logging_interval
+        self._window: list[_Sample] = []
+        self._epoch: list[_Sample] = []
+        self._pending_extra: Any = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # For subclasses
+
+    def _snapshot(self, trainer: Trainer, pl_module: LightningModule) -> Any:
+        """Return host-side values to keep with the batch's records (read before the optimizer step)."""
+        return None
+
+    def _values(self, pl_module: VDMMixin, samples: list[_Sample]) -> dict[str, Tensor]:
+        """Return, per metric name, a 1-D tensor with one value per sample."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Lightning hooks
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.loggers:
+            raise MisconfigurationException(
+                f"Cannot use `{type(self).__name__}` callback with `Trainer` that has no logger. "
+                "Pass a logger such as CSVLogger or TensorBoardLogger to the Trainer."
+            )
+        if not isinstance(pl_module, VDMMixin):
+            raise MisconfigurationException(
+                f"`{type(self).__name__}` needs a LightningModule with VDMMixin in its bases, got "
+                f"`{type(pl_module).__name__}`. Define `class My{type(pl_module).__name__}(VDMMixin, "
+                f"{type(pl_module).__name__})` and train that."
+            )
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._pending_extra = self._snapshot(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        records = pl_module.vdm_records
+        if records:
+            sample = _Sample(list(records), self._pending_extra)
+            if self.logging_interval == "epoch":
+                self._epoch.append(sample)
+                return
+            self._window.append(sample)
+        if self.logging_interval == "epoch":
+            return
+        if pl_module.automatic_optimization and trainer.fit_loop._should_accumulate():
+            return
+
+        window, self._window = self._window, []
+        if window and trainer._logger_connector.should_update_logs:
+            values = self._values(pl_module, window)
+            self._log(trainer, {name: series.mean() for name, series in values.items()})
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.logging_interval != "epoch" or not self._epoch:
+            return
+        samples, self._epoch = self._epoch, []
+        metrics = {}
+        for name, series in self._values(pl_module, samples).items():
+            metrics[f"{name}/mean"] = series.mean()
+            metrics[f"{name}/min"] = series.min()
+            metrics[f"{name}/max"] = series.max()
+        self._log(trainer, metrics, reductions={"/min": "min", "/max": "max"})
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Logging
+
+    def _log(self, trainer: Trainer, metrics: dict[str, Tensor], reductions: dict[str, str] | None = None) -> None:
+        """Reduce ``metrics`` over processes and send them to every logger at the trainer's step."""
+        names = list(metrics)
+        local = torch.stack([metrics[name].detach().float().reshape(()) for name in names])
+        if trainer.world_size > 1:
+            # One collective for all metrics: each is the mean of the processes' values, except the /min and /max
+            # series, which take the minimum and maximum over processes.
+            gathered = trainer.strategy.all_gather(local).reshape(trainer.world_size, len(names))
+            reduced = gathered.mean(dim=0)
+            for index, name in enumerate(names):
+                for suffix, how in (reductions or {}).items():
+                    if name.endswith(suffix):
+                        column = gathered[:, index]
+                        reduced[index] = column.min() if how == "min" else column.max()
+            local = reduced
+        values = local.tolist()
+
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        scalars = dict(zip(names, values))
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+        trainer.callback_metrics.update({name: torch.tensor(value) for name, value in scalars.items()})
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "logging_interval": self.logging_interval,
+            "window": [_sample_to_state(sample) for sample in self._window],
+            "epoch": [_sample_to_state(sample) for sample in self._epoch],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._window = [_sample_from_state(state) for state in state_dict.get("window", [])]
+        self._epoch = [_sample_from_state(state) for state in state_dict.get("epoch", [])]
+
+
+def _sample_to_state(sample: _Sample) -> dict[str, Any]:
+    return {"records": [[float(value) for value in record] for record in sample.records], "extra": sample.extra}
+
+
+def _sample_from_state(state: dict[str, Any]) -> _Sample:
+    records = [VDMRecord(*(torch.tensor(value) for value in record)) for record in state["records"]]
+    return _Sample(records, state["extra"])
+
+
+def per_sample(samples: list[_Sample], field: str, transform: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Return one value per sample: the mean over the sample's records of ``transform(record.field)``."""
+    flat = torch.stack([promote_loss(getattr(record, field)).reshape(()) for s in samples for record in s.records])
+    if transform is not None:
+        flat = transform(flat)
+    counts = [len(sample.records) for sample in samples]
+    if max(counts) == 1:
+        return flat
+    # Several records per batch (manual optimization with several backward calls): average within each batch.
+    index = torch.repeat_interleave(torch.arange(len(counts), device=flat.device), torch.tensor(counts, device=flat.device))
+    sums = torch.zeros(len(counts), dtype=flat.dtype, device=flat.device).index_add_(0, index, flat)
+    return sums / torch.tensor(counts, dtype=flat.dtype, device=flat.device)

@@ -1,0 +1,325 @@
+"""``VDMMixin``: deform the training loss of any LightningModule.
+
+Put the mixin in front of a LightningModule and every loss that its ``training_step`` returns (automatic
+optimization) or that it passes to ``manual_backward`` (manual optimization) is replaced by δ(ℓ) before backward, so
+the gradient becomes δ'(ℓ)·∇ℓ:
+
+.. code-block:: python
+
+    class MyNet(VDMMixin, MyLightningModule):
+        pass
+
+    model = MyNet(deformation="LE(1, 0.99)", **my_module_arguments)
+
+The mixin keeps, for the latest training batch, the raw loss, the deformed loss and the loss at which δ' was taken
+as detached tensors (no host synchronisation); the monitors in :mod:`lightning_vdm.callbacks` read them.
+
+Domain and non-finite losses. A loss outside the deformation's domain, NaN or Inf, cannot be deformed. To avoid a
+host synchronisation on every step, the mixin collects the detached raw losses and checks them together: on every
+step when the loss lives on the CPU (reading it costs nothing there), and otherwise every ``log_every_n_steps``
+steps, at the end of every epoch, before every checkpoint is written, and at the end of training. The error names the
+global step and the loss value. With ``nonfinite_loss="skip"`` a NaN or Inf loss instead makes the step a no-op
+(Lightning skips backward and the optimizer step when ``training_step`` returns ``None``); that mode reads the loss
+on every step, which is one host synchronisation per step on an accelerator.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_vdm.deformations import VerticalDeformation, as_deformation, promote_loss
+
+__all__ = ["VDMMixin", "VDMRecord"]
+
+log = logging.getLogger(__name__)
+
+_NONFINITE_POLICIES = ("error", "skip")
+_DERIVATIVE_POINTS = ("local", "global_mean")
+
+
+class VDMRecord(NamedTuple):
+    """One deformed loss, kept detached for the monitors."""
+
+    raw: Tensor
+    """The loss as the user's step returned it (before Lightning divides it for gradient accumulation)."""
+    deformed: Tensor
+    """The value that went into backward (before that division), δ(ℓ)."""
+    derivative_at: Tensor
+    """The loss at which δ' was evaluated: ``raw``, or the mean over processes with ``derivative_at="global_mean"``."""
+
+
+class VDMMixin:
+    """Apply a vertical deformation mapping δ to the training loss of a LightningModule.
+
+    Place it before the LightningModule in the bases, ``class MyNet(VDMMixin, MyLightningModule)``, so that its
+    ``training_step`` and ``manual_backward`` run first and call the module's own through ``super()``. The mixin's
+    arguments are keyword-only; all other arguments go to the next class in the bases, and LightningCLI shows both in
+    ``--help``.
+
+    Args:
+        deformation: The deformation δ: an instance such as ``LogExp(1, 0.99)``, a string in the paper's notation such
+            as ``"LE(1, 0.99)"`` or ``"AP(18/pi, 1, 2, 1)"``, or ``None`` to train on the plain loss. It is saved in
+            the hyperparameters (in exact notation for the built-in families), so a checkpoint rebuilds it.
+        nonfinite_loss: What to do with a NaN or Inf raw loss. ``"error"`` stops training with an error that names
+            the step and the value; ``"skip"`` skips the step, counts it in ``vdm_skipped_steps`` and costs one host
+            synchronisation per step. ``"skip"`` is not available under multi-process training, where all processes
+            must run backward together.
+        derivative_at: Where δ' is evaluated. ``"local"`` deforms each process's own loss, so the averaged gradient
+            is the mean of δ'(ℓᵣ)·∇ℓᵣ over processes r. ``"global_mean"`` evaluates δ' at the loss averaged over all
+            processes, ℓ̄, so the gradient is δ'(ℓ̄)·mean(∇ℓᵣ), as with one process on the whole batch; it costs one
+            scalar all-reduce per step. Both are the same with one process.
+
+    Raises:
+        TypeError: If a base class before ``VDMMixin`` defines ``training_step`` or ``manual_backward``, so the
+            mixin's would never run.
+        ValueError: If ``nonfinite_loss`` or ``derivative_at`` is not one of the accepted values.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        deformation: VerticalDeformation | str | None = None,
+        nonfinite_loss: Literal["error", "skip"] = "error",
+        derivative_at: Literal["local", "global_mean"] = "local",
+        **kwargs: Any,
+    ) -> None:
+        _check_base_order(type(self))
+        if nonfinite_loss not in _NONFINITE_POLICIES:
+            raise ValueError(f"`nonfinite_loss` must be one of {_NONFINITE_POLICIES}, got {nonfinite_loss!r}.")
+        if derivative_at not in _DERIVATIVE_POINTS:
+            raise ValueError(f"`derivative_at` must be one of {_DERIVATIVE_POINTS}, got {derivative_at!r}.")
+        resolved = as_deformation(deformation)
+
+        super().__init__(*args, **kwargs)
+
+        self.deformation: VerticalDeformation | None = resolved
+        self.nonfinite_loss = nonfinite_loss
+        self.derivative_at = derivative_at
+        self.vdm_skipped_steps = 0
+        self._vdm_records: list[VDMRecord] = []
+        self._vdm_pending: list[tuple[int, Tensor]] = []
+        self._vdm_step_ran = False
+        self.save_hyperparameters(
+            {
+                "deformation": _deformation_hparam(resolved),
+                "nonfinite_loss": nonfinite_loss,
+                "derivative_at": derivative_at,
+            }
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The training path
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._vdm_records = []
+        self._vdm_step_ran = True
+        output = super().training_step(*args, **kwargs)
+        if not self.automatic_optimization or output is None:
+            # Manual optimization deforms inside `manual_backward`; `None` tells Lightning to skip the step.
+            return output
+        if isinstance(output, Tensor):
+            return self._vdm_deform(output)
+        if isinstance(output, Mapping):
+            if "loss" not in output:
+                raise KeyError(
+                    "VDMMixin: the dict returned by `training_step` has no 'loss' key (keys: "
+                    f"{sorted(output)}); return the loss under 'loss' so it can be deformed."
+                )
+            deformed = self._vdm_deform(output["loss"])
+            if deformed is None:
+                return None
+            return {**output, "loss": deformed}
+        raise TypeError(
+            "VDMMixin: `training_step` must return a loss tensor, a dict with a 'loss' key, or None; "
+            f"got {type(output).__name__}."
+        )
+
+    def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        deformed = self._vdm_deform(loss)
+        if deformed is None:
+            log.debug("Skipped backward of a non-finite loss at global step %d.", self.trainer.global_step)
+            return
+        super().manual_backward(deformed, *args, **kwargs)
+
+    def _vdm_deform(self, loss: Tensor) -> Tensor | None:
+        """Return δ(loss) for backward and keep the detached record; ``None`` when the step is skipped."""
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(
+                "VDMMixin deforms a scalar loss; got "
+                f"{'a tensor of shape ' + str(tuple(loss.shape)) if isinstance(loss, Tensor) else type(loss).__name__}."
+                " Reduce the loss to a scalar (for example with .mean()) before returning it."
+            )
+        raw = loss.detach()
+        if self.nonfinite_loss == "skip" and not bool(torch.isfinite(raw)):
+            self.vdm_skipped_steps += 1
+            log.warning(
+                "Skipped the training step at global step %d: the loss is %s (skipped %d so far).",
+                self.trainer.global_step if self._trainer is not None else -1,
+                raw.item(),
+                self.vdm_skipped_steps,
+            )
+            return None
+        self._vdm_queue_check(raw)
+
+        deformation = self.deformation
+        if deformation is None:
+            self._vdm_records.append(VDMRecord(raw, raw, raw))
+            return loss
+        if self.derivative_at == "global_mean" and self._trainer is not None and self.trainer.world_size > 1:
+            deformed, at = self._vdm_deform_at_global_mean(loss, raw)
+        else:
+            deformed = deformation.forward(promote_loss(loss))
+            at = raw
+        self._vdm_records.append(VDMRecord(raw, deformed.detach(), at))
+        return deformed
+
+    def _vdm_deform_at_global_mean(self, loss: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
+        """Return a loss whose value is δ(ℓ) and whose gradient is δ'(ℓ̄)·∇ℓ, with ℓ̄ the mean over processes."""
+        deformation = self.deformation
+        loss32 = promote_loss(loss)
+        mean_loss = self.trainer.strategy.reduce(promote_loss(raw).clone(), reduce_op="mean")
+        slope = deformation.closed_form_derivative(mean_loss)
+        # Value: δ(ℓ); gradient: slope·∇ℓ, because the bracket is zero but carries ℓ's graph.
+        deformed = deformation.forward(loss32.detach()) + slope * (loss32 - loss32.detach())
+        return deformed, mean_loss
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Deferred domain checks
+
+    def _vdm_queue_check(self, raw: Tensor) -> None:
+        trainer = self._trainer
+        if trainer is None:
+            # Called outside a Trainer (for example in a unit test): nothing to wait for.
+            self._vdm_pending.append((-1, raw))
+            self.vdm_check_losses()
+            return
+        self._vdm_pending.append((trainer.global_step, raw))
+        if raw.device.type == "cpu" or len(self._vdm_pending) >= max(1, trainer.log_every_n_steps):
+            self.vdm_check_losses()
+
+    def vdm_check_losses(self) -> None:
+        """Check the raw losses kept since the last check against the deformation's domain.
+
+        This reads the losses on the host once for all of them. The mixin calls it on its own; a monitor may call it
+        at a logging step, where it synchronises anyway.
+
+        Raises:
+            FloatingPointError: If a loss is NaN or Inf.
+            ValueError: If a finite loss lies outside the deformation's domain.
+        """
+        if not self._vdm_pending:
+            return
+        pending, self._vdm_pending = self._vdm_pending, []
+        if len(pending) == 1:
+            losses = promote_loss(pending[0][1]).reshape(1)
+        else:
+            losses = torch.stack([promote_loss(loss).reshape(()) for _, loss in pending])
+        deformation = self.deformation
+        finite = torch.isfinite(losses)
+        valid = finite if deformation is None else deformation.in_domain(losses)
+        if bool(valid.all()):
+            return
+
+        index = int((~valid).nonzero()[0])
+        step, value = pending[index][0], losses[index].item()
+        if not bool(finite[index]):
+            raise FloatingPointError(
+                f"The training loss is {value} at global step {step}. Training stopped before the next "
+                "checkpoint. Lower the learning rate or check the data; set `nonfinite_loss='skip'` on the model "
+                "to skip such steps instead."
+            )
+        raise ValueError(
+            f"The training loss {value:.6g} at global step {step} lies outside the domain of {deformation!r} "
+            f"({deformation.domain}). Choose a deformation whose domain contains every training loss."
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # What the monitors read
+
+    @property
+    def vdm_records(self) -> list[VDMRecord]:
+        """The records of the latest training batch: one per deformed loss (several with manual optimization)."""
+        return self._vdm_records
+
+    def vdm_derivative(self, loss: Tensor) -> Tensor:
+        """Return δ'(loss) without domain checks; ones when there is no deformation."""
+        loss = promote_loss(loss)
+        if self.deformation is None:
+            return torch.ones_like(loss)
+        return self.deformation.closed_form_derivative(loss)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Lightning hooks (each calls super() so the user's module keeps its own)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.nonfinite_loss == "skip" and self.trainer.world_size > 1:
+            raise ValueError(
+                "`nonfinite_loss='skip'` cannot be used with "
+                f"{self.trainer.world_size} processes: a process that skips its step would leave the others waiting "
+                "in the gradient all-reduce. Use `nonfinite_loss='error'`."
+            )
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        if self.automatic_optimization:
+            if not self._vdm_step_ran:
+                raise RuntimeError(
+                    f"VDMMixin.training_step did not run for this batch, so the loss is not deformed. "
+                    f"`{type(self).__name__}.training_step` must call `super().training_step(...)`, or the "
+                    "LightningModule must come after VDMMixin in the bases."
+                )
+            self._vdm_step_ran = False
+        super().on_before_backward(loss)
+
+    def on_train_epoch_end(self) -> None:
+        self.vdm_check_losses()
+        super().on_train_epoch_end()
+
+    def on_train_end(self) -> None:
+        self.vdm_check_losses()
+        super().on_train_end()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.vdm_check_losses()
+        checkpoint["vdm"] = {"skipped_steps": self.vdm_skipped_steps}
+        super().on_save_checkpoint(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.vdm_skipped_steps = checkpoint.get("vdm", {}).get("skipped_steps", 0)
+        super().on_load_checkpoint(checkpoint)
+
+
+def _deformation_hparam(deformation: VerticalDeformation | None) -> VerticalDeformation | str | None:
+    """Return what the hyperparameters keep: exact notation when it rebuilds an equal deformation."""
+    if deformation is None:
+        return None
+    try:
+        from lightning_vdm.deformations import parse_deformation
+
+        if parse_deformation(deformation.notation) == deformation:
+            return deformation.notation
+    except ValueError:
+        pass
+    return deformation
+
+
+def _check_base_order(cls: type) -> None:
+    """Raise if a class that comes before ``VDMMixin`` in the MRO defines a method that the mixin wraps."""
+    for base in cls.__mro__:
+        if base is VDMMixin:
+            return
+        if issubclass(base, VDMMixin):
+            # A subclass of the combined class may override and call super(); a hook checks that at run time.
+            continue
+        for name in ("training_step", "manual_backward"):
+            if name in vars(base):
+                raise TypeError(
+                    f"{cls.__name__}: `{base.__name__}.{name}` comes before `VDMMixin.{name}` in the method "
+                    f"resolution order, so the loss would never be deformed. Put VDMMixin first in the bases: "
+                    f"`class {cls.__name__}(VDMMixin, {base.__name__})`."
+                )
