@@ -1,0 +1,50 @@
+"""The ``lightning-vdm`` command line.
+
+``lightning-vdm fit|validate|test|predict --config X.yaml`` is a LightningCLI in which the model and the data module
+are chosen by ``class_path``, so any LightningModule combined with ``VDMMixin`` can be trained from a config, and the
+deformation is set with ``--model.deformation "LE(1, 0.99)"`` or as a ``class_path``/``init_args`` pair. The tools
+``lightning-vdm plot``, ``lightning-vdm simulate`` and ``lightning-vdm report`` have their own ``--help``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+__all__ = ["VDMLightningCLI", "main"]
+
+# Tool name → module whose `main(argv) -> int` runs it.
+_TOOLS = {
+    "plot": "lightning_vdm.plotting.__main__",
+    "report": "lightning_vdm.report",
+    "simulate": "lightning_vdm.simulation",
+}
+
+
+class VDMLightningCLI(LightningCLI):
+    """LightningCLI with the model and data module given by ``class_path``."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"description": "Train with a deformed loss (lightning-vdm)."})
+        super().__init__(LightningModule, LightningDataModule, args=args, run=run, **kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> int | None:
+    """Run ``lightning-vdm``: a LightningCLI subcommand, or one of the tools ``plot``, ``simulate``, ``report``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _TOOLS:
+        tool = importlib.import_module(_TOOLS[argv[0]])
+        return tool.main(argv[1:])
+    VDMLightningCLI(args=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
