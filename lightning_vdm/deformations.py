@@ -54,7 +54,6 @@ __all__ = [
 ]
 
 _ACCEPTED_FORMS = "AP(a1, a2, a3, a4), LE(e1, e2), Power(scale, exponent), Identity()"
-_PROMOTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class DeformationDomainError(ValueError):
@@ -160,7 +159,7 @@ class VerticalDeformation(abc.ABC):
 
     @property
     def notation(self) -> str:
-        """Exact notation, e.g. ``"AP(5.729577951308232, 1, 2, 1)"``.
+        """Exact notation with full-precision coefficients, e.g. ``"AP(5.729577951308232, 1, 2, 1)"``.
 
         For the built-in families, :func:`parse_deformation` of this text returns an equal deformation.
         """
@@ -171,20 +170,22 @@ class VerticalDeformation(abc.ABC):
         """Compute δ(ℓ) elementwise, differentiably, without promotion or domain checks.
 
         Args:
-            loss: Floating-point loss tensor; values outside the domain give undefined results.
+            loss: Floating-point loss tensor. Values outside the domain give undefined results.
         """
 
     def closed_form_derivative(self, loss: Tensor) -> Tensor:
         """Compute δ'(ℓ) elementwise without promotion or domain checks.
 
         The base class differentiates :meth:`forward` with autograd, which is correct only when
-        :meth:`forward` acts elementwise. The returned tensor carries no autograd graph.
+        :meth:`forward` acts elementwise. It works under ``torch.no_grad`` and ``torch.inference_mode``
+        too, and the returned tensor carries no autograd graph.
 
         Args:
-            loss: Floating-point loss tensor; values outside the domain give undefined results.
+            loss: Floating-point loss tensor. Values outside the domain give undefined results.
         """
-        with torch.enable_grad():
-            leaf = loss.detach().requires_grad_(True)
+        # Cloning outside inference mode turns an inference tensor into one autograd can track.
+        with torch.inference_mode(False), torch.enable_grad():
+            leaf = loss.detach().clone().requires_grad_(True)
             deformed = self.forward(leaf)
             (gradient,) = torch.autograd.grad(deformed, leaf, grad_outputs=torch.ones_like(deformed), allow_unused=True)
 
@@ -218,8 +219,8 @@ class VerticalDeformation(abc.ABC):
         if bool(inside.all()):
             return
         raise DeformationDomainError(
-            f"{self!r} is undefined at loss = {self._describe_first_invalid(loss, inside)}; "
-            f"its domain is {self.domain}. Check the loss for NaN or Inf, or choose coefficients "
+            f"{self!r} is undefined at loss = {self._describe_first_invalid(loss, inside)}. "
+            f"Its domain is {self.domain}. Check the loss for NaN or Inf, or choose coefficients "
             "whose domain contains every loss value."
         )
 
@@ -302,7 +303,7 @@ class ArctanPower(VerticalDeformation):
         \delta'(\ell) = \frac{a_1 a_3 a_2 \arctan(a_2 \ell)^{a_3 - 1}}{1 + (a_2 \ell)^2} + a_4
 
     Source: Chen et al., "Deforming the Loss Surface to Affect the Behaviour of the Optimizer"
-    (AAAI 2021), Section 3.1. The text there asks all four coefficients to be > 0, but its Table 2
+    (AAAI 2021), Section 3.1. The text there requires all four coefficients to be > 0, but its Table 2
     uses AP(1.5, 0.7, 1, 0), so a4 = 0 is accepted. The domain is ℓ >= 0, or ℓ > 0 when a3 < 1
     because δ'(0) is then infinite. For a3 < 1 the derivative still grows without bound as ℓ → 0
     and overflows float32 for very small positive losses; the checked entry points raise there.
@@ -372,7 +373,7 @@ class ArctanPower(VerticalDeformation):
         scaled = self.a2 * loss
         slope = (self.a1 * self.a3 * self.a2) / (1.0 + scaled * scaled)
 
-        # a3 = 1 skips the power: arctan(0)^0 would rely on 0^0 = 1 at ℓ = 0.
+        # For a3 = 1 the power is skipped, so ℓ = 0 does not depend on how pow evaluates 0^0.
         if self.a3 != 1.0:
             slope = slope * torch.atan(scaled).pow(self.a3 - 1.0)
         return slope + self.a4
@@ -515,7 +516,7 @@ class Power(VerticalDeformation):
 
 
 class Identity(VerticalDeformation):
-    """Identity deformation δ(ℓ) = ℓ, the undeformed baseline; its domain is any finite loss."""
+    """Identity deformation δ(ℓ) = ℓ, the undeformed baseline, defined for any finite loss."""
 
     symbol: ClassVar[str] = "Identity"
 
