@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 __all__ = [
     "LoaderSettings",
+    "TransformedSubset",
     "check_image_tree",
     "check_int",
     "stratified_split",
@@ -87,6 +89,31 @@ class LoaderSettings:
             pin_memory=self.resolved_pin_memory(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
+
+
+class TransformedSubset(Dataset):
+    """Selected samples of an ``(image, label)`` dataset, with a transform applied to each image.
+
+    Two subsets over one base dataset can use different transforms, so a part held out of the
+    training set is evaluated without augmentation.
+
+    Args:
+        dataset: Base dataset returning ``(image, label)`` pairs without a transform of its own.
+        indices: Indices of the selected samples, or ``None`` for all of them.
+        transform: Transform applied to each image.
+    """
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int] | np.ndarray | None, transform: Callable) -> None:
+        self.dataset = dataset
+        self.indices = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.dataset[int(self.indices[index])]
+        return self.transform(image), label
 
 
 def _largest_remainder(size: int, counts: np.ndarray) -> np.ndarray:
