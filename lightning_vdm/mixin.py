@@ -75,10 +75,15 @@ class VDMMixin:
             scalar all-reduce per step. Both are the same with one process.
 
     Raises:
-        TypeError: If a base class before ``VDMMixin`` defines ``training_step`` or ``manual_backward``, so the
-            mixin's would never run.
+        TypeError: When a class is defined with a base before ``VDMMixin`` that defines ``training_step`` or
+            ``manual_backward``, so the mixin's would never run. The check runs at class definition, because with
+            that order none of the mixin's methods, ``__init__`` included, would run later.
         ValueError: If ``nonfinite_loss`` or ``derivative_at`` is not one of the accepted values.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_base_order(cls)
 
     def __init__(
         self,
@@ -88,7 +93,6 @@ class VDMMixin:
         derivative_at: Literal["local", "global_mean"] = "local",
         **kwargs: Any,
     ) -> None:
-        _check_base_order(type(self))
         if nonfinite_loss not in _NONFINITE_POLICIES:
             raise ValueError(f"`nonfinite_loss` must be one of {_NONFINITE_POLICIES}, got {nonfinite_loss!r}.")
         if derivative_at not in _DERIVATIVE_POINTS:

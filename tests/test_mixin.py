@@ -1,0 +1,304 @@
+"""VDMMixin: what training_step returns, the gradient it produces, hyperparameters and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+
+from lightning_vdm import ArctanPower, LogExp, Power, VDMMixin, parse_deformation
+from tests.tiny import DeformedRegression, RegressionData, TinyRegression, regression_data
+
+
+def _trainer(tmp_path, **kwargs) -> Trainer:
+    defaults = dict(
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        max_steps=1,
+    )
+    defaults.update(kwargs)
+    return Trainer(**defaults)
+
+
+def _expected_sgd_step(model: TinyRegression, deformation, lr: float, batches: list[tuple]) -> torch.Tensor:
+    """Return the weights after one plain-SGD step on δ(ℓ) averaged over ``batches``, computed in float64."""
+    reference = TinyRegression(**{k: v for k, v in model.hparams.items() if k in TinyRegression.__init__.__code__.co_varnames})
+    reference.load_state_dict({k: v for k, v in model.state_dict().items()})
+    reference = reference.double()
+    total = [torch.zeros_like(p) for p in reference.parameters()]
+    for inputs, targets in batches:
+        loss = reference.compute_loss((inputs.double(), targets.double()))
+        grads = torch.autograd.grad(loss, list(reference.parameters()))
+        slope = 1.0 if deformation is None else float(deformation.closed_form_derivative(loss.detach()))
+        for acc, grad in zip(total, grads):
+            acc += slope * grad / len(batches)
+    return torch.cat([(p - lr * g).flatten() for p, g in zip(reference.parameters(), total)]).detach()
+
+
+# Every coefficient set of the paper's Tables 1-3 that keeps this regression loss (mse + 1) in its domain.
+PAPER_DEFORMATIONS = [
+    "LE(1, 0.6)", "LE(1, 0.7)", "LE(1, 0.9)", "LE(1, 0.99)", "LE(1, 0.8)", "LE(1, 0.3)", "LE(1, 0.5)",
+    "AP(5, 1, 2, 1)", "AP(18/pi, 1, 2, 1)", "AP(6, 1, 2, 1)", "AP(10, 1, 2, 1)", "AP(2, 1, 2, 1)",
+    "AP(10, 1, 1, 1)", "AP(1.5, 0.7, 1, 0)", "Power(0.5, 2)", "Identity()",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("notation", PAPER_DEFORMATIONS)
+def test_gradient_is_derivative_times_gradient(tmp_path, notation):
+    deformation = parse_deformation(notation)
+    model = DeformedRegression(deformation=deformation, lr=0.05)
+    data = RegressionData(batch_size=8)
+    batch = next(iter(data.train_dataloader()))
+    expected = _expected_sgd_step(model, deformation, 0.05, [batch])
+
+    _trainer(tmp_path).fit(model, data)
+
+    actual = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_exact_in_float64(tmp_path):
+    deformation = LogExp(1, 0.99)
+    model = DeformedRegression(deformation=deformation, lr=0.05, offset=0.02)
+    data = RegressionData(batch_size=8, dtype="float64")
+    batch = next(iter(data.train_dataloader()))
+    expected = _expected_sgd_step(model, deformation, 0.05, [batch])
+
+    _trainer(tmp_path, precision="64-true").fit(model, data)
+
+    actual = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert actual.dtype == torch.float64
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_accumulation_deforms_each_micro_batch(tmp_path):
+    deformation = ArctanPower(18 / math.pi, 1, 2, 1)
+    model = DeformedRegression(deformation=deformation, lr=0.05)
+    data = RegressionData(batch_size=8)
+    batches = list(data.train_dataloader())[:3]
+    expected = _expected_sgd_step(model, deformation, 0.05, batches)
+    with torch.no_grad():
+        last_raw = model.compute_loss(batches[2]).item()
+
+    _trainer(tmp_path, accumulate_grad_batches=3, limit_train_batches=3).fit(model, data)
+
+    actual = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    # The records keep the raw loss of the last micro-batch, before Lightning divides it by 3.
+    assert model.vdm_records[0].raw.item() == pytest.approx(last_raw, rel=1e-6)
+
+
+def test_gradient_clipping_sees_deformed_gradient(tmp_path):
+    deformation = LogExp(1, 0.99)  # δ' > 1 everywhere: clipping must act on the scaled gradient.
+    clip = 1e-3
+    model = DeformedRegression(deformation=deformation, lr=1.0, offset=0.05)
+    data = RegressionData(batch_size=8)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+
+    _trainer(tmp_path, gradient_clip_val=clip, gradient_clip_algorithm="norm").fit(model, data)
+
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    # One SGD step with lr 1 moves the weights by exactly the clipped gradient, whose norm is the clip value.
+    assert torch.linalg.vector_norm(after - before).item() == pytest.approx(clip, rel=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_mixed_precision_step_is_finite(tmp_path, precision):
+    deformation = LogExp(1, 0.9)
+    model = DeformedRegression(deformation=deformation, lr=0.05)
+    data = RegressionData(batch_size=8)
+    batch = next(iter(data.train_dataloader()))
+    expected = _expected_sgd_step(model, deformation, 0.05, [batch])
+
+    _trainer(tmp_path, precision=precision).fit(model, data)
+
+    actual = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
+    assert torch.isfinite(actual).all()
+    tolerance = 1e-5 if precision == "32-true" else 5e-2
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance)
+    assert model.vdm_records[0].deformed.dtype == torch.float32
+
+
+def test_tensor_output_is_deformed():
+    model = DeformedRegression(deformation="LE(1, 0.9)")
+    batch = regression_data(8)
+    raw = model.compute_loss(batch)
+    deformed = model.training_step(batch, 0)
+    expected = math.log(math.exp(raw.item()) - 0.9)
+    assert deformed.item() == pytest.approx(expected, rel=1e-6)
+    assert deformed.requires_grad
+
+
+def test_dict_output_keeps_other_keys():
+    model = DeformedRegression(deformation=Power(0.5, 2), output="dict")
+    batch = regression_data(8)
+    raw = model.compute_loss(batch).item()
+    output = model.training_step(batch, 0)
+    assert set(output) == {"loss", "extra"}
+    assert output["extra"].item() == 7.0
+    assert output["loss"].item() == pytest.approx(0.5 * raw**2, rel=1e-6)
+
+
+def test_none_output_passes_through():
+    model = DeformedRegression(deformation="LE(1, 0.9)", output="none")
+    assert model.training_step(regression_data(8), 0) is None
+    assert model.vdm_records == []
+
+
+def test_dict_without_loss_raises():
+    model = DeformedRegression(deformation="LE(1, 0.9)", output="dict_no_loss")
+    with pytest.raises(KeyError, match="no 'loss' key"):
+        model.training_step(regression_data(8), 0)
+
+
+def test_none_deformation_returns_loss_unchanged():
+    model = DeformedRegression(deformation=None)
+    batch = regression_data(8)
+    assert model.training_step(batch, 0).item() == model.compute_loss(batch).item()
+    record = model.vdm_records[0]
+    assert record.raw.item() == record.deformed.item()
+    assert model.vdm_derivative(record.derivative_at).item() == 1.0
+
+
+def test_records_are_detached():
+    model = DeformedRegression(deformation="AP(2, 1, 2, 1)")
+    model.training_step(regression_data(8), 0)
+    record = model.vdm_records[0]
+    assert not record.raw.requires_grad
+    assert not record.deformed.requires_grad
+    assert record.deformed.item() == pytest.approx(ArctanPower(2, 1, 2, 1)(record.raw).item(), rel=1e-6)
+
+
+def test_wrong_base_order_raises():
+    with pytest.raises(TypeError, match=r"Put VDMMixin first in the bases: `class WrongOrder\(VDMMixin, TinyRegression\)`"):
+
+        class WrongOrder(TinyRegression, VDMMixin):
+            pass
+
+
+def test_override_without_super_raises_before_backward(tmp_path):
+    class Overrides(DeformedRegression):
+        def training_step(self, batch, batch_idx):
+            return self.compute_loss(batch)
+
+    model = Overrides(deformation="LE(1, 0.9)")
+    with pytest.raises(RuntimeError, match="must call `super\\(\\).training_step"):
+        _trainer(tmp_path).fit(model, RegressionData())
+
+
+def test_override_with_super_is_deformed(tmp_path):
+    class CallsSuper(DeformedRegression):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx)
+
+    model = CallsSuper(deformation="LE(1, 0.9)")
+    _trainer(tmp_path).fit(model, RegressionData())
+    record = model.vdm_records[0]
+    assert record.deformed.item() == pytest.approx(LogExp(1, 0.9)(record.raw).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "match"),
+    [
+        ("nonfinite_loss", "ignore", r"`nonfinite_loss` must be one of \('error', 'skip'\), got 'ignore'"),
+        ("derivative_at", "median", r"`derivative_at` must be one of \('local', 'global_mean'\), got 'median'"),
+        ("deformation", "XY(1)", "AP\\(a1, a2, a3, a4\\)"),
+        ("deformation", "LE(1, -1)", "e2"),
+    ],
+    ids=["nonfinite", "derivative-at", "unknown-family", "bad-coefficient"],
+)
+def test_invalid_arguments_raise(argument, value, match):
+    with pytest.raises(ValueError, match=match):
+        DeformedRegression(**{argument: value})
+
+
+def test_hyperparameters_keep_exact_notation():
+    model = DeformedRegression(deformation=ArctanPower(18 / math.pi, 1, 2, 1), lr=0.2)
+    assert model.hparams.deformation == "AP(5.729577951308232, 1, 2, 1)"
+    assert model.hparams.lr == 0.2
+    assert parse_deformation(model.hparams.deformation) == model.deformation
+
+
+def test_checkpoint_restores_deformation(tmp_path):
+    model = DeformedRegression(deformation="AP(18/pi, 1, 2, 1)", lr=0.07)
+    trainer = _trainer(tmp_path, enable_checkpointing=True)
+    trainer.fit(model, RegressionData())
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+
+    restored = DeformedRegression.load_from_checkpoint(path)
+
+    assert restored.deformation == ArctanPower(18 / math.pi, 1, 2, 1)
+    assert restored.hparams.lr == 0.07
+    assert restored.nonfinite_loss == "error"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_loss_stops_with_step(tmp_path, bad):
+    class Breaks(DeformedRegression):
+        def training_step(self, batch, batch_idx):
+            self.hparams.offset = bad if self.global_step == 2 else 1.0
+            return super().training_step(batch, batch_idx)
+
+    model = Breaks(deformation="LE(1, 0.9)")
+    with pytest.raises(FloatingPointError, match=f"is {bad} at global step 2"):
+        _trainer(tmp_path, max_steps=4).fit(model, RegressionData())
+
+
+def test_nonfinite_loss_skip_counts_steps(tmp_path):
+    class Breaks(DeformedRegression):
+        def training_step(self, batch, batch_idx):
+            if batch_idx in (1, 2):
+                return super().training_step((batch[0] * float("nan"), batch[1]), batch_idx)
+            return super().training_step(batch, batch_idx)
+
+    model = Breaks(deformation="LE(1, 0.9)", nonfinite_loss="skip")
+    _trainer(tmp_path, max_steps=4, max_epochs=1).fit(model, RegressionData())
+    assert model.vdm_skipped_steps == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_loss_outside_domain_raises(tmp_path):
+    # LE(1, 1.9) needs ℓ > ln 1.9 ≈ 0.642; this loss is mse + 0.01, which falls below it as training proceeds.
+    model = DeformedRegression(deformation="LE(1, 1.9)", offset=0.01, lr=0.1)
+    with pytest.raises(ValueError, match=r"outside the domain of LE\(1, 1.9\) \(loss > ln\(e2\)"):
+        _trainer(tmp_path, max_steps=200, max_epochs=100).fit(model, RegressionData())
+
+
+class _Manual(VDMMixin, LightningModule):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        self.inner = TinyRegression(lr=0.05)
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = self.inner.compute_loss(batch)
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_manual_optimization_deforms_in_manual_backward(tmp_path):
+    deformation = LogExp(1, 0.7)
+    model = _Manual(deformation=deformation)
+    data = RegressionData(batch_size=8)
+    batch = next(iter(data.train_dataloader()))
+    expected = _expected_sgd_step(model.inner, deformation, 0.05, [batch])
+
+    _trainer(tmp_path).fit(model, data)
+
+    actual = torch.cat([p.detach().flatten() for p in model.inner.parameters()]).double()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    assert len(model.vdm_records) == 1
