@@ -44,6 +44,7 @@ __all__ = [
     "Figure1Result",
     "Figure4Result",
     "SimulationResult",
+    "draw_figure4_starts",
     "figure1_surface",
     "figure4_surface",
     "hessian_eigenvalues",
