@@ -7,7 +7,7 @@ from torchvision.models.efficientnet import EfficientNet, MBConvConfig
 
 from lightning_vdm.models.resnet_cifar import _check_int_at_least
 
-__all__ = ["CifarEfficientNet"]
+__all__ = ["CifarEfficientNet", "cifar_mbconv_setting"]
 
 # Width and depth multipliers of "EfficientNet: Rethinking Model Scaling for Convolutional Neural
 # Networks" (the same values torchvision uses for efficientnet_b0 and efficientnet_b1).
