@@ -106,6 +106,7 @@ class VDMMixin:
         self.derivative_at = derivative_at
         self.vdm_skipped_steps = 0
         self._vdm_records: list[VDMRecord] = []
+        self._vdm_records_batch = -1
         self._vdm_pending: list[tuple[int, Tensor]] = []
         self._vdm_step_ran = False
         self.save_hyperparameters(
@@ -120,7 +121,6 @@ class VDMMixin:
     # The training path
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        self._vdm_records = []
         self._vdm_step_ran = True
         output = super().training_step(*args, **kwargs)
         if not self.automatic_optimization or output is None:
@@ -170,16 +170,17 @@ class VDMMixin:
             return None
         self._vdm_queue_check(raw)
 
+        records = self._vdm_current_records()
         deformation = self.deformation
         if deformation is None:
-            self._vdm_records.append(VDMRecord(raw, raw, raw))
+            records.append(VDMRecord(raw, raw, raw))
             return loss
         if self.derivative_at == "global_mean" and self._trainer is not None and self.trainer.world_size > 1:
             deformed, at = self._vdm_deform_at_global_mean(loss, raw)
         else:
             deformed = deformation.forward(promote_loss(loss))
             at = raw
-        self._vdm_records.append(VDMRecord(raw, deformed.detach(), at))
+        records.append(VDMRecord(raw, deformed.detach(), at))
         return deformed
 
     def _vdm_deform_at_global_mean(self, loss: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
@@ -247,7 +248,26 @@ class VDMMixin:
 
     @property
     def vdm_records(self) -> list[VDMRecord]:
-        """The records of the latest training batch: one per deformed loss (several with manual optimization)."""
+        """The records of the current training batch: one per deformed loss (several with manual optimization).
+
+        Empty when the batch deformed nothing, for example when ``training_step`` returned ``None``.
+        """
+        if self._vdm_batch_index() != self._vdm_records_batch:
+            return []
+        return self._vdm_records
+
+    def _vdm_batch_index(self) -> int:
+        """Return a number that changes with every training batch, or -1 outside a Trainer."""
+        if self._trainer is None:
+            return -1
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+
+    def _vdm_current_records(self) -> list[VDMRecord]:
+        """Return the record list of the current batch, starting a new one when the batch changed."""
+        batch = self._vdm_batch_index()
+        if batch != self._vdm_records_batch or batch == -1:
+            self._vdm_records = []
+            self._vdm_records_batch = batch
         return self._vdm_records
 
     def vdm_derivative(self, loss: Tensor) -> Tensor:

@@ -137,6 +137,11 @@ class _VDMMonitor(Callback):
     # ------------------------------------------------------------------------------------------------------------
     # Checkpointing
 
+    @property
+    def state_key(self) -> str:
+        # One step monitor and one epoch monitor of the same class can run side by side.
+        return self._generate_state_key(logging_interval=self.logging_interval)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "logging_interval": self.logging_interval,
