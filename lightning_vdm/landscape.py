@@ -23,9 +23,10 @@ running statistics, are then restored afterwards. Every function restores the we
 train/eval flag of every submodule on exit, also when it raises. The functions run in the
 parameters' dtype and never enter an autocast region.
 
-PyHessian (PyPI release 0.1 of 2021) offers the same two Hessian estimates. It is not used here
-because it is licensed under GPL-3.0 while this project is Apache-2.0, it has no seed for its random
-vectors, and it takes a ``cuda`` flag in place of following the model's device.
+PyHessian (PyPI release 0.1 of 2021) offers the same two Hessian estimates. It is not used here.
+It is licensed under GPL-3.0 while this project is Apache-2.0. Its random vectors come from the
+global RNG without a seed argument, it writes into the parameters' ``.grad`` and leaves the model in
+eval mode, and it takes a ``cuda`` flag in place of following the model's device.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def fixed_batches(
     if requested > size:
         warnings.warn(
             f"Requested {num_batches} batches of {batch_size} samples ({requested} samples), but the dataset "
-            f"has only {size}; using all {size} samples.",
+            f"has only {size}, so all {size} samples are used.",
             UserWarning,
             stacklevel=2,
         )
@@ -157,7 +158,7 @@ def _resolve_dataset(data: DataLoader | Dataset, batch_size: int | None) -> tupl
             batch_size = data.batch_size
             if batch_size is None:
                 raise ValueError(
-                    "The DataLoader has no `batch_size` (it uses a custom batch_sampler); pass `batch_size` explicitly."
+                    "The DataLoader has no `batch_size` because it uses a custom batch_sampler. Pass `batch_size` explicitly."
                 )
     else:
         dataset, collate_fn = data, default_collate
@@ -167,8 +168,8 @@ def _resolve_dataset(data: DataLoader | Dataset, batch_size: int | None) -> tupl
     _check_int("batch_size", batch_size, minimum=1)
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
         raise TypeError(
-            f"Expected a map-style dataset with `__len__` and `__getitem__`, but got {type(dataset).__name__}; "
-            "a seeded subset needs random access to the samples."
+            f"Expected a map-style dataset with `__len__` and `__getitem__`, but got {type(dataset).__name__}. "
+            "A seeded subset needs random access to the samples."
         )
     return dataset, collate_fn, batch_size
 
@@ -192,8 +193,9 @@ def filter_normalized_direction(
       convolution, whose weight is ``(in, out, ...)``, it is the input channel. A filter whose
       weights are zero gets a zero direction.
     * A parameter with 0 or 1 dimension (biases, BatchNorm and LayerNorm weights and biases):
-      with ``ignore="biasbn"`` d is zero, the choice Li et al. call "ignore biasbn". With
-      ``ignore="none"`` the whole tensor is one filter, ``d = g * ‖w‖ / ‖g‖``.
+      with ``ignore="biasbn"`` d is zero, as with ``ignore='biasbn'`` in the reference code of Li
+      et al. With ``ignore="none"`` the whole tensor is one filter, ``d = g * ‖w‖ / ‖g‖``. (That
+      reference code copies w itself into d in this case.)
     * A parameter with ``requires_grad=False``: d is zero, because training does not move it.
 
     The norms are computed in float64 for float64 parameters and in float32 otherwise. The result
@@ -201,7 +203,7 @@ def filter_normalized_direction(
 
     Args:
         model: Model whose parameters set the scale of the direction.
-        seed: Seed of the Gaussian draw; the same seed and architecture give the same direction.
+        seed: Seed of the Gaussian draw. The same seed and architecture give the same direction.
         ignore: ``"biasbn"`` to zero the 0-D and 1-D parameters, ``"none"`` to scale them as one
             filter each.
 
@@ -281,16 +283,16 @@ def loss_curve(
     are θ exactly, so the loss equals the plain loss on the same batches.
 
     Args:
-        model: Model to evaluate; its parameters are θ.
-        loss_fn: Called as ``loss_fn(model(inputs), targets)``; must return a scalar batch mean.
+        model: Model to evaluate at its parameters θ.
+        loss_fn: Called as ``loss_fn(model(inputs), targets)``. It must return the batch mean as a scalar.
         batches: Fixed list of ``(inputs, targets)`` pairs, for example from :func:`fixed_batches`.
             Tensors are moved to the device of the model's first parameter.
         direction: One tensor per entry of ``model.parameters()`` with the same shape, for example
             from :func:`filter_normalized_direction`.
-        alphas: Step sizes, finite; at least one.
+        alphas: Step sizes, at least one, all finite.
         train_mode: ``False`` (the default) evaluates in eval mode, so BatchNorm uses its running
             statistics and dropout is off. ``True`` evaluates in train mode and restores the buffers
-            afterwards; dropout then draws from the global RNG.
+            afterwards. Dropout then draws from the global RNG.
 
     Returns:
         ``(alphas, losses)``: both 1-D float64 CPU tensors of the same length, in the order given.
@@ -366,8 +368,8 @@ def hessian_top_eigenvalue(
 ) -> TopEigenvalue:
     """Estimate the Hessian eigenvalue of largest magnitude by power iteration.
 
-    The Hessian H is that of L with respect to the parameters with ``requires_grad=True``; the others
-    are constants. The start vector is standard normal, drawn in float32 from a CPU generator seeded
+    The Hessian H is that of L with respect to the parameters with ``requires_grad=True``, and the
+    other parameters are constants. The start vector is standard normal, drawn in float32 from a CPU generator seeded
     with ``seed``. Each iteration computes w = Hv by double backward, takes the Rayleigh quotient
     λ = vᵀw of the unit vector v, and sets v = w / ‖w‖. It stops when two successive λ differ by at
     most ``tol * max(|λ_k|, |λ_(k-1)|)``, or after ``iters`` products.
@@ -380,7 +382,7 @@ def hessian_top_eigenvalue(
 
     Args:
         model: Model whose parameters define H.
-        loss_fn: Called as ``loss_fn(model(inputs), targets)``; must return a scalar batch mean.
+        loss_fn: Called as ``loss_fn(model(inputs), targets)``. It must return the batch mean as a scalar.
         batches: Fixed list of ``(inputs, targets)`` pairs.
         iters: Maximum number of Hessian-vector products, at least 1.
         tol: Relative tolerance on successive eigenvalue estimates, > 0.
@@ -427,8 +429,8 @@ def hessian_top_eigenvalue(
 
     if not converged:
         warnings.warn(
-            f"Power iteration did not reach the relative tolerance {tol} in {iters} iterations; "
-            f"the last estimate is {eigenvalue}. Increase `iters` or `tol`.",
+            f"Power iteration did not reach the relative tolerance {tol} in {iters} iterations. "
+            f"The last estimate is {eigenvalue}. Increase `iters` or `tol`.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -454,7 +456,7 @@ def hessian_trace(
 
     Args:
         model: Model whose parameters define H.
-        loss_fn: Called as ``loss_fn(model(inputs), targets)``; must return a scalar batch mean.
+        loss_fn: Called as ``loss_fn(model(inputs), targets)``. It must return the batch mean as a scalar.
         batches: Fixed list of ``(inputs, targets)`` pairs.
         samples: Number of Rademacher vectors, at least 1.
         seed: Seed of the Rademacher vectors.
@@ -603,7 +605,7 @@ def _hessian_vector_product(
 
 
 def _dot(first: Sequence[Tensor], second: Sequence[Tensor]) -> float:
-    # Accumulate in float64 with one host synchronisation; MPS has no float64, so it stays in float32.
+    # Accumulate in float64 with one host synchronisation. MPS has no float64, so it stays in float32.
     sums = [(a.to(_accumulation_dtype(a)) * b.to(_accumulation_dtype(a))).sum() for a, b in zip(first, second)]
     return torch.stack(sums).sum().item()
 
@@ -630,7 +632,7 @@ def _trainable_parameters(model: nn.Module) -> list[Tensor]:
 def _check_autograd_available() -> None:
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
-            "Hessian-vector products need autograd, but torch.inference_mode is enabled; call outside of it."
+            "Hessian-vector products need autograd, but torch.inference_mode is enabled. Call outside of it."
         )
 
 

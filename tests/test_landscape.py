@@ -161,7 +161,7 @@ def test_trace_matches_explicit_hessian():
     estimate = hessian_trace(model, F.cross_entropy, batches, samples=1000, seed=SEED)
 
     # Hutchinson's estimate is unbiased, so it lies within 4 standard errors except with
-    # probability below 1e-4; the standard error itself shows the estimate is not degenerate.
+    # probability below 1e-4. The bound on the standard error checks that the estimate is not degenerate.
     assert abs(estimate.trace - expected) <= 4 * estimate.standard_error
     assert 0 < estimate.standard_error < 0.1 * abs(expected)
     assert estimate.samples == 1000
@@ -450,7 +450,7 @@ def test_fixed_batches_seeded_and_isolated():
 def test_fixed_batches_small_dataset_warns():
     dataset = TensorDataset(torch.arange(5.0), torch.arange(5))
 
-    with pytest.warns(UserWarning, match="using all 5 samples"):
+    with pytest.warns(UserWarning, match="all 5 samples are used"):
         batches = fixed_batches(dataset, num_batches=2, batch_size=4, seed=SEED)
 
     assert [len(targets) for _, targets in batches] == [4, 1]
@@ -520,3 +520,57 @@ def test_curve_csv_bad_header_rejected(tmp_path):
 
     with pytest.raises(ValueError, match="Expected the header alpha,loss"):
         load_curve_csv(path)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def test_plot_curves_data_equals_input(tmp_path):
+    from lightning_vdm.plotting.landscape import plot_loss_curves
+
+    baseline = (symmetric_alphas(1.0, 5), torch.tensor([3.0, 1.5, 1.0, 1.6, 3.2], dtype=torch.float64))
+    deformed = ([-1.0, 0.0, 1.0], [1.4, 1.1, 1.5])
+    path = tmp_path / "figures" / "curves.png"
+
+    figure = plot_loss_curves({"baseline": baseline, "LE(1, 0.99)": deformed}, path, title="ResNet-20")
+
+    axes = figure.axes[0]
+    lines = [line for line in axes.get_lines() if not line.get_label().startswith("_")]
+    assert [line.get_label() for line in lines] == ["baseline", "LE(1, 0.99)"]
+    assert lines[0].get_xdata().tolist() == baseline[0].tolist()
+    assert lines[0].get_ydata().tolist() == baseline[1].tolist()
+    assert lines[1].get_xdata().tolist() == deformed[0]
+    assert lines[1].get_ydata().tolist() == deformed[1]
+    assert axes.get_title() == "ResNet-20"
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_curves_from_csv(tmp_path):
+    from lightning_vdm.plotting.landscape import plot_loss_curves_from_csv
+
+    alphas = symmetric_alphas(0.5, 3)
+    save_curve_csv(tmp_path / "a.csv", alphas, [2.0, 1.0 / 3, 2.5])
+    save_curve_csv(tmp_path / "b.csv", alphas, [1.25, 1.0, 1.5])
+
+    figure = plot_loss_curves_from_csv({"baseline": tmp_path / "a.csv", "AP(5.73, 1, 2, 1)": tmp_path / "b.csv"})
+
+    lines = [line for line in figure.axes[0].get_lines() if not line.get_label().startswith("_")]
+    assert [line.get_label() for line in lines] == ["baseline", "AP(5.73, 1, 2, 1)"]
+    assert lines[0].get_xdata().tolist() == [-0.5, 0.0, 0.5]
+    assert lines[0].get_ydata().tolist() == [2.0, 1.0 / 3, 2.5]
+    assert lines[1].get_ydata().tolist() == [1.25, 1.0, 1.5]
+
+
+@pytest.mark.parametrize(
+    ("curves", "match"),
+    [
+        pytest.param({}, "at least one curve", id="empty"),
+        pytest.param({"run": ([0.0, 1.0], [1.0])}, "2 step sizes and 1 losses", id="length"),
+        pytest.param({"run": ([0.0, math.inf], [1.0, 2.0])}, "finite step sizes", id="infinite"),
+    ],
+)
+def test_plot_curves_bad_input(curves, match):
+    from lightning_vdm.plotting.landscape import plot_loss_curves
+
+    with pytest.raises(ValueError, match=match):
+        plot_loss_curves(curves)
