@@ -196,3 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -226,3 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
