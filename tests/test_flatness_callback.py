@@ -100,6 +100,7 @@ def fit(tmp_path, callbacks, *, epochs: int = 2, model: LightningModule | None =
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        log_every_n_steps=1,
         default_root_dir=tmp_path,
     )
     trainer.fit(model)
