@@ -446,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     from lightning_vdm.plotting.simulation import plot_figure1, plot_figure4
 
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -458,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         table = _format_figure1_table(result)
     else:
         if args.starts < 1:
-            _build_parser().error(f"--starts must be >= 1, got {args.starts}")
+            parser.error(f"--starts must be >= 1, got {args.starts}")
         result = simulate_figure4(num_starts=args.starts, seed=args.seed)
         path = args.out / "figure4.png"
         plot_figure4(result, path)

@@ -7,6 +7,7 @@ They redraw Fig. 1 and Fig. 4 of Chen et al., "Deforming the Loss Surface to Aff
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,7 @@ _ORIGINAL_COLOR = "tab:blue"
 _DEFORMED_COLOR = "tab:red"
 
 
-def _surface_grid(surface, low: tuple[float, float], high: tuple[float, float], num: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _surface_grid(surface: Callable[[torch.Tensor], torch.Tensor], low: tuple[float, float], high: tuple[float, float], num: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     axis1 = torch.linspace(low[0], high[0], num, dtype=torch.float64)
     axis2 = torch.linspace(low[1], high[1], num, dtype=torch.float64)
     grid1, grid2 = torch.meshgrid(axis1, axis2, indexing="xy")

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["main", "plot_traces", "read_traces"]
+__all__ = ["Series", "Trace", "main", "plot_traces", "read_traces"]
 
 log = logging.getLogger(__name__)
 
