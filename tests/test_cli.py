@@ -1,0 +1,132 @@
+"""The lightning-vdm command line: a user's own module with the mixin, saved configs, the quickstart."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_vdm import LogExp, parse_deformation
+from lightning_vdm.cli import VDMLightningCLI, main
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+_QUIET = [
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.num_sanity_val_steps=0",
+]
+
+
+def _user_model_args(tmp_path, *extra: str) -> list[str]:
+    return [
+        "--model=tests.tiny.DeformedRegression",
+        "--data=tests.tiny.RegressionData",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_epochs=2",
+        "--trainer.logger=CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.log_every_n_steps=1",
+        *_QUIET,
+        *extra,
+    ]
+
+
+def test_print_config_shows_both_classes(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_user_model_args(tmp_path, "--model.deformation=LE(1, 0.99)", "--model.lr=0.3"), "--print_config"])
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    init_args = config["model"]["init_args"]
+    assert init_args["deformation"] == "LE(1, 0.99)"  # the mixin's argument
+    assert init_args["lr"] == 0.3  # the user's module's arguments
+    assert init_args["offset"] == 1.0
+    assert init_args["nonfinite_loss"] == "error"
+
+
+def test_help_shows_both_classes(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "tests.tiny.DeformedRegression"])
+    help_text = capsys.readouterr().out
+    for option in ("--model.deformation", "--model.derivative_at", "--model.nonfinite_loss", "--model.lr", "--model.offset"):
+        assert option in help_text
+    assert "paper's notation" in help_text  # the mixin's docstring reaches --help
+
+
+@pytest.mark.parametrize(
+    "deformation_args",
+    [
+        ["--model.deformation=LE(1, 0.99)"],
+        [
+            "--model.deformation=lightning_vdm.LogExp",
+            "--model.deformation.e1=1",
+            "--model.deformation.e2=0.99",
+        ],
+    ],
+    ids=["notation", "class-path"],
+)
+def test_deformation_from_command_line(tmp_path, deformation_args):
+    cli = VDMLightningCLI(args=["fit", *_user_model_args(tmp_path, *deformation_args)])
+    assert cli.model.deformation == LogExp(1, 0.99)
+    assert cli.trainer.global_step == 8
+
+
+def test_saved_config_reruns_same_experiment(tmp_path):
+    first = VDMLightningCLI(args=["fit", *_user_model_args(tmp_path / "first", "--model.deformation=AP(18/pi, 1, 2, 1)"), "--seed_everything=3"])
+    saved = Path(first.trainer.log_dir) / "config.yaml"
+    assert saved.is_file()
+
+    second = VDMLightningCLI(
+        args=["fit", f"--config={saved}", f"--trainer.logger.save_dir={tmp_path / 'second'}", f"--trainer.default_root_dir={tmp_path / 'second'}"]
+    )
+
+    assert second.model.deformation == parse_deformation("AP(18/pi, 1, 2, 1)")
+    for before, after in zip(first.model.parameters(), second.model.parameters()):
+        torch.testing.assert_close(before, after, rtol=0, atol=0)
+
+
+def test_unknown_tool_falls_through_to_lightning(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"])
+    assert exit_info.value.code != 0
+    assert "fit" in capsys.readouterr().err
+
+
+def _read_metrics(path: Path) -> dict[str, list[float]]:
+    values: dict[str, list[float]] = {}
+    with open(path, newline="") as file:
+        for row in csv.DictReader(file):
+            for key, value in row.items():
+                if value:
+                    values.setdefault(key, []).append(float(value))
+    return values
+
+
+def test_quickstart_trains_on_digits(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = REPOSITORY / "configs" / "quickstart.yaml"
+    short_schedule = ["--trainer.max_epochs=6", "--model.milestones=[3, 5]", "--trainer.enable_progress_bar=false"]
+    cli = VDMLightningCLI(args=["fit", f"--config={config}", *short_schedule])
+    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+
+    assert results[0]["test/acc"] >= 0.93
+    csv_files = list((tmp_path / "logs" / "quickstart" / "csv").glob("version_*/metrics.csv"))
+    assert len(csv_files) == 1
+    metrics = _read_metrics(csv_files[0])
+    for key in ("vdm/derivative", "vdm/loss_raw", "vdm/loss_deformed", "lr-SGD", "effective-lr-SGD"):
+        assert key in metrics
+    # LE(1, 0.9): δ'(ℓ) = 1 / (1 − 0.9·exp(−ℓ)) lies in (1, 10] for every loss ℓ ≥ 0.
+    assert all(1.0 < value <= 10.0 for value in metrics["vdm/derivative"])
+    assert list((tmp_path / "logs" / "quickstart" / "tensorboard").glob("version_*/events.out.tfevents.*"))
+
+
+def test_quickstart_configs_differ_only_in_deformation():
+    deformed = yaml.safe_load((REPOSITORY / "configs" / "quickstart.yaml").read_text())
+    baseline = yaml.safe_load((REPOSITORY / "configs" / "quickstart_baseline.yaml").read_text())
+    assert deformed["model"]["init_args"].pop("deformation") == "LE(1, 0.9)"
+    assert baseline["model"]["init_args"].pop("deformation") is None
+    assert deformed["model"] == baseline["model"]
+    assert deformed["data"] == baseline["data"]
