@@ -81,6 +81,10 @@ class VDMMixin:
         ValueError: If ``nonfinite_loss`` or ``derivative_at`` is not one of the accepted values.
     """
 
+    vdm_check_resumed_deformation: bool = True
+    """Whether ``Trainer.fit(ckpt_path=...)`` raises when the checkpoint used another deformation (see
+    :meth:`on_load_checkpoint`). Set it to ``False`` on a model to switch deformations on purpose when resuming."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _check_base_order(cls)
@@ -159,6 +163,7 @@ class VDMMixin:
                 " Reduce the loss to a scalar (for example with .mean()) before returning it."
             )
         raw = loss.detach()
+        records = self._vdm_current_records()
         if self.nonfinite_loss == "skip" and not bool(torch.isfinite(raw)):
             self.vdm_skipped_steps += 1
             log.warning(
@@ -170,7 +175,6 @@ class VDMMixin:
             return None
         self._vdm_queue_check(raw)
 
-        records = self._vdm_current_records()
         deformation = self.deformation
         if deformation is None:
             records.append(VDMRecord(raw, raw, raw))
@@ -308,14 +312,71 @@ class VDMMixin:
         self.vdm_check_losses()
         super().on_train_end()
 
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if not self.automatic_optimization and self._trainer is not None:
+            self._vdm_check_manual_backward()
+        super().on_before_optimizer_step(optimizer)
+
+    def _vdm_check_manual_backward(self) -> None:
+        """Raise when an optimizer steps in a batch in which no loss went through ``manual_backward``."""
+        if self._vdm_records_batch == self._vdm_batch_index():
+            return
+        raise RuntimeError(
+            f"An optimizer stepped at global step {self.trainer.global_step} although no loss of this batch went "
+            f"through `manual_backward`, so the gradient is not deformed. In `{type(self).__name__}.training_step` "
+            "call `self.manual_backward(loss)` instead of `loss.backward()`."
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.vdm_check_losses()
-        checkpoint["vdm"] = {"skipped_steps": self.vdm_skipped_steps}
+        checkpoint["vdm"] = {
+            "skipped_steps": self.vdm_skipped_steps,
+            "deformation": _deformation_notation(self.deformation),
+            "derivative_at": self.derivative_at,
+        }
         super().on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.vdm_skipped_steps = checkpoint.get("vdm", {}).get("skipped_steps", 0)
+        state = checkpoint.get("vdm", {})
+        if self._trainer is not None and self.vdm_check_resumed_deformation:
+            # Resuming with `Trainer.fit(ckpt_path=...)` restores weights but keeps the running model's
+            # deformation; `load_from_checkpoint` has no trainer yet and builds the model from the hyperparameters.
+            _check_same_deformation(state, checkpoint.get("hyper_parameters", {}), self)
+        self.vdm_skipped_steps = state.get("skipped_steps", 0)
         super().on_load_checkpoint(checkpoint)
+
+
+def _deformation_notation(deformation: VerticalDeformation | None) -> str | None:
+    return None if deformation is None else deformation.notation
+
+
+def _check_same_deformation(state: Mapping[str, Any], hparams: Mapping[str, Any], model: VDMMixin) -> None:
+    """Raise if the checkpoint was trained with another deformation or derivative point than ``model`` uses."""
+    if "deformation" in state:
+        saved = state["deformation"]
+    elif "deformation" in hparams:
+        # Checkpoints written before the mixin stored its own entry keep the deformation in the hyperparameters.
+        value = hparams["deformation"]
+        saved = value.notation if isinstance(value, VerticalDeformation) else value
+    else:
+        return
+    running = _deformation_notation(model.deformation)
+    same = saved == running
+    if not same and saved is not None and running is not None:
+        try:
+            same = as_deformation(saved) == model.deformation
+        except (TypeError, ValueError):
+            same = False
+    saved_point = state.get("derivative_at", hparams.get("derivative_at", model.derivative_at))
+    if same and saved_point == model.derivative_at:
+        return
+    raise ValueError(
+        f"The checkpoint was trained with deformation={saved!r} and derivative_at={saved_point!r}, but the model "
+        f"being resumed uses deformation={running!r} and derivative_at={model.derivative_at!r}. Build the model "
+        "with the checkpoint's values (for example `Model.load_from_checkpoint(path)`) before `fit(ckpt_path=...)`, "
+        "or set `model.vdm_check_resumed_deformation = False` to continue with the running model's deformation "
+        "on purpose."
+    )
 
 
 def _deformation_hparam(deformation: VerticalDeformation | None) -> VerticalDeformation | str | None:
