@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 __all__ = ["VDMLightningCLI", "main"]
 
@@ -26,7 +26,11 @@ _TOOLS = {
 
 
 class VDMLightningCLI(LightningCLI):
-    """LightningCLI with the model and data module given by ``class_path``."""
+    """LightningCLI with the model and data module given by ``class_path``.
+
+    Adds ``--test_after_fit``: after ``fit``, test the best checkpoint (or the final weights when no checkpoint
+    callback monitors a metric) on the data module's test split, in the same process and logs.
+    """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -34,6 +38,21 @@ class VDMLightningCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"description": "Train with a deformed loss (lightning-vdm)."})
         super().__init__(LightningModule, LightningDataModule, args=args, run=run, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After fit, test the best checkpoint on the data module's test split (used by `fit` only).",
+        )
+
+    def after_fit(self) -> None:
+        if not self.config["fit"].get("test_after_fit"):
+            return
+        callback = self.trainer.checkpoint_callback
+        has_best = callback is not None and getattr(callback, "best_model_path", "")
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int | None:
