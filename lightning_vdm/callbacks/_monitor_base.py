@@ -9,6 +9,7 @@ processes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -19,6 +20,8 @@ from torch import Tensor
 
 from lightning_vdm.deformations import promote_loss
 from lightning_vdm.mixin import VDMMixin, VDMRecord
+
+log = logging.getLogger(__name__)
 
 _LOGGING_INTERVALS = ("step", "epoch")
 
@@ -45,6 +48,7 @@ class _VDMMonitor(Callback):
         self.logging_interval = logging_interval
         self._window: list[_Sample] = []
         self._epoch: list[_Sample] = []
+        self._epoch_index: int | None = -1
         self._pending_extra: Any = None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -84,6 +88,7 @@ class _VDMMonitor(Callback):
         if records:
             sample = _Sample(list(records), self._pending_extra)
             if self.logging_interval == "epoch":
+                self._drop_samples_of_other_epoch(trainer.current_epoch)
                 self._epoch.append(sample)
                 return
             self._window.append(sample)
@@ -96,6 +101,18 @@ class _VDMMonitor(Callback):
         if window and trainer._logger_connector.should_update_logs:
             values = self._values(pl_module, window)
             self._log(trainer, {name: series.mean() for name, series in values.items()})
+
+    def _drop_samples_of_other_epoch(self, epoch: int) -> None:
+        # A checkpoint written after the last batch of an epoch, but before the epoch's end, keeps that epoch's
+        # samples. A run resumed from it starts the next epoch without calling `on_train_epoch_start` (Lightning
+        # 2.6), so the check runs here. An index of None comes from a checkpoint that did not store it.
+        if self._epoch and self._epoch_index is not None and self._epoch_index != epoch:
+            log.debug(
+                "%s: dropped %d samples of epoch %d restored from a checkpoint; training resumed at epoch %d.",
+                type(self).__name__, len(self._epoch), self._epoch_index, epoch,
+            )
+            self._epoch = []
+        self._epoch_index = epoch
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.logging_interval != "epoch" or not self._epoch:
@@ -147,11 +164,13 @@ class _VDMMonitor(Callback):
             "logging_interval": self.logging_interval,
             "window": [_sample_to_state(sample) for sample in self._window],
             "epoch": [_sample_to_state(sample) for sample in self._epoch],
+            "epoch_index": self._epoch_index,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._window = [_sample_from_state(state) for state in state_dict.get("window", [])]
         self._epoch = [_sample_from_state(state) for state in state_dict.get("epoch", [])]
+        self._epoch_index = state_dict.get("epoch_index")
 
 
 def _sample_to_state(sample: _Sample) -> dict[str, Any]:
