@@ -50,6 +50,7 @@ class _VDMMonitor(Callback):
         self._epoch: list[_Sample] = []
         self._epoch_index: int | None = -1
         self._pending_extra: Any = None
+        self._state_key: str | None = None
 
     # ------------------------------------------------------------------------------------------------------------
     # For subclasses
@@ -156,8 +157,11 @@ class _VDMMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        # One step monitor and one epoch monitor of the same class can run side by side.
-        return self._generate_state_key(logging_interval=self.logging_interval)
+        # One step monitor and one epoch monitor of the same class can run side by side. Lightning reads the key
+        # for every hook call, so it is built once.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(logging_interval=self.logging_interval)
+        return self._state_key
 
     def state_dict(self) -> dict[str, Any]:
         return {
