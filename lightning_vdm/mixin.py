@@ -18,9 +18,11 @@ Domain and non-finite losses. A loss outside the deformation's domain, NaN or In
 host synchronisation on every step, the mixin collects the detached raw losses and checks them together: every
 ``log_every_n_steps`` steps, at the end of every epoch, before every checkpoint is written, and at the end of
 training, on the CPU as on an accelerator. The error names the global step and the loss value. Training may run up
-to ``log_every_n_steps - 1`` steps past the bad one before the error, but no checkpoint is written after it. With ``nonfinite_loss="skip"`` a NaN or Inf loss instead makes the step a no-op
-(Lightning skips backward and the optimizer step when ``training_step`` returns ``None``); that mode reads the loss
-on every step, which is one host synchronisation per step on an accelerator.
+to ``log_every_n_steps - 1`` steps past the bad one before the error, but no checkpoint is written after it.
+
+With ``nonfinite_loss="skip"`` a NaN or Inf loss instead makes the step a no-op (Lightning skips backward and the
+optimizer step when ``training_step`` returns ``None``). That mode reads the loss on every step, which is one host
+synchronisation per step on an accelerator.
 """
 
 from __future__ import annotations
