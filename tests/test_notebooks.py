@@ -3,7 +3,8 @@
 Every notebook checks its own numbers with ``assert`` (closed forms against autograd, the simulation end
 points, logged effective learning rates against lr × δ'(ℓ)), so a notebook whose code or numbers break
 raises ``CellExecutionError`` here. The kernel is the ``python3`` kernel spec that ipykernel installs
-into the environment, and it runs with the interpreter running pytest.
+into the environment (``ipykernel`` is in the ``test`` extra). jupyter_client starts it with the
+interpreter that runs pytest.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def test_notebook_committed_without_outputs(path):
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # The kernel imports this checkout's package, as pytest does through `pythonpath`, even when another
+    # copy is installed in the environment.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")])))
     notebook = nbformat.read(path, as_version=4)
     before = _repository_entries()
 
