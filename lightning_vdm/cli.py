@@ -57,11 +57,12 @@ class VDMLightningCLI(LightningCLI):
 
 def main(argv: Sequence[str] | None = None) -> int | None:
     """Run ``lightning-vdm``: a LightningCLI subcommand, or one of the tools ``plot``, ``simulate``, ``report``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _TOOLS:
-        tool = importlib.import_module(_TOOLS[argv[0]])
-        return tool.main(argv[1:])
-    VDMLightningCLI(args=argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in _TOOLS:
+        tool = importlib.import_module(_TOOLS[arguments[0]])
+        return tool.main(arguments[1:])
+    # With argv None LightningCLI reads sys.argv itself; passing it as `args` would make it warn on every call.
+    VDMLightningCLI(args=None if argv is None else arguments)
     return 0
 
 
