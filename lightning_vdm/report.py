@@ -48,7 +48,9 @@ ValMetric = Literal["last", "best"]
 VAL_METRICS: tuple[str, ...] = ("last", "best")
 
 # Model arguments that define the training recipe; runs in one cell must agree on them.
-_MODEL_RECIPE_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "milestones", "gamma", "nonfinite_loss", "derivative_at")
+_MODEL_RECIPE_KEYS = (
+    "lr", "momentum", "nesterov", "weight_decay", "milestones", "gamma", "nonfinite_loss", "derivative_at",
+)
 # Trainer arguments that change the result of a run (the number of processes changes the global batch).
 _TRAINER_RECIPE_KEYS = ("max_epochs", "max_steps", "precision", "devices", "num_nodes", "accumulate_grad_batches")
 # Data arguments that only say where files are or how they are loaded, and so are not part of the recipe.

@@ -349,8 +349,8 @@ def test_two_steps_cpu(case: tuple[str, str, bool], image_trees, tmp_path, monke
     before = [parameter.detach().clone() for parameter in cli.model.parameters()]
     checkpoint = cli.trainer.checkpoint_callback
     if name == "se_resnext29":
-        # Writing two checkpoints of 0.55 GB (weights and momentum of 68.7 M parameters) costs more than two steps; the smaller
-        # networks check the checkpoint callback.
+        # Writing two checkpoints of 0.55 GB (weights and momentum of 68.7 M parameters) costs more than the two
+        # steps, so the smaller networks check the checkpoint callback.
         checkpoint.save_top_k, checkpoint.save_last = 0, False
 
     expected = (TABLE2_VDM.get((dataset, name)) or TABLE3_VDM.get(name)) if deformed else None

@@ -108,11 +108,17 @@ def table2_runs(tmp_path: Path) -> list[Path]:
     for seed, accuracy in enumerate(DEFORMED_C10):
         runs.append(_write_run(tmp_path / f"c10_vdm_{seed}", [0.5, accuracy], "LE(1, 0.9)", seed=seed))
     for seed, accuracy in enumerate(BASELINE_C100):
-        runs.append(_write_run(tmp_path / f"c100_base_{seed}", [0.3, accuracy], seed=seed, dataset="CIFAR100DataModule"))
+        runs.append(
+            _write_run(tmp_path / f"c100_base_{seed}", [0.3, accuracy], seed=seed, dataset="CIFAR100DataModule")
+        )
     for seed, accuracy in enumerate(DEFORMED_C100):
         runs.append(
             _write_run(
-                tmp_path / f"c100_vdm_{seed}", [0.3, accuracy], "AP(18/pi, 1, 2, 1)", seed=seed, dataset="CIFAR100DataModule"
+                tmp_path / f"c100_vdm_{seed}",
+                [0.3, accuracy],
+                "AP(18/pi, 1, 2, 1)",
+                seed=seed,
+                dataset="CIFAR100DataModule",
             )
         )
     return runs
