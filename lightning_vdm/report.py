@@ -38,6 +38,7 @@ __all__ = [
     "collect_runs",
     "load_run",
     "main",
+    "network_label",
     "summarise",
     "to_markdown",
 ]
@@ -53,7 +54,7 @@ _MODEL_RECIPE_KEYS = (
 )
 # Trainer arguments that change the result of a run (the number of processes changes the global batch).
 _TRAINER_RECIPE_KEYS = ("max_epochs", "max_steps", "precision", "devices", "num_nodes", "accumulate_grad_batches")
-# Data arguments that only say where files are or how they are loaded, and so are not part of the recipe.
+# Data arguments that only give the location of files or how they are loaded, so they are not part of the recipe.
 _DATA_LOCATION_KEYS = ("data_dir", "root", "num_workers", "pin_memory", "persistent_workers", "download")
 
 # Model arguments in hparams.yaml that are neither recipe nor data settings.
@@ -241,16 +242,31 @@ def _deformation(text: Any, source: Path) -> tuple[VerticalDeformation | None, s
     if text is None or text == "":
         return None, ""
     if isinstance(text, dict):
-        raise ValueError(
-            f"{str(source)!r} gives the deformation as a class_path; the report reads only the notation "
-            f"string, for example deformation: LE(1, 0.9)."
-        )
+        return _deformation_from_class_path(text, source)
     try:
         deformation = parse_deformation(str(text))
     except (TypeError, ValueError) as error:
         raise ValueError(f"{str(source)!r} has a deformation {text!r} that does not parse: {error}") from error
     label = " ".join(str(text).replace("pi", "π").split())
     return deformation, label
+
+
+def _deformation_from_class_path(spec: dict[str, Any], source: Path) -> tuple[VerticalDeformation, str]:
+    """Build a deformation given as ``class_path``/``init_args``; only classes of ``lightning_vdm.deformations``."""
+    import lightning_vdm.deformations as deformations
+
+    class_name = _class_name(spec)
+    cls = getattr(deformations, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, VerticalDeformation)):
+        raise ValueError(
+            f"{str(source)!r} gives the deformation class {spec.get('class_path')!r}; the report reads only the "
+            f"classes of lightning_vdm.deformations or the notation string, for example deformation: LE(1, 0.9)."
+        )
+    try:
+        deformation = cls(**_init_args(spec))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{str(source)!r} has invalid deformation arguments {_init_args(spec)}: {error}") from error
+    return deformation, repr(deformation)
 
 
 def _recipe(model_args: dict[str, Any], trainer: dict[str, Any], data_args: dict[str, Any]) -> tuple:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from lightning_vdm.cli import VDMLightningCLI
+from lightning_vdm.deformations import parse_deformation
 from lightning_vdm.report import collect_runs, load_run, main, summarise, to_markdown
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -22,7 +23,7 @@ NETWORK_RESNET20 = {"class_path": "lightning_vdm.models.CifarResNet", "init_args
 def _write_run(
     folder: Path,
     val_acc: list[float],
-    deformation: str | None = None,
+    deformation: str | dict | None = None,
     seed: int = 0,
     test_acc: float | None = None,
     lr: float = 0.1,
@@ -307,6 +308,21 @@ def test_bad_deformation_error(tmp_path: Path) -> None:
     path = _write_run(tmp_path / "a", [0.90], "LE(1,")
 
     with pytest.raises(ValueError, match="does not parse"):
+        load_run(path)
+
+
+def test_class_path_deformation(tmp_path: Path) -> None:
+    spec = {"class_path": "lightning_vdm.deformations.LogExp", "init_args": {"e1": 1.0, "e2": 0.9}}
+    run = load_run(_write_run(tmp_path / "a", [0.90], spec))
+
+    assert run.deformation == parse_deformation("LE(1, 0.9)")
+    assert run.deformation_label == repr(parse_deformation("LE(1, 0.9)"))
+
+
+def test_unknown_class_path_error(tmp_path: Path) -> None:
+    path = _write_run(tmp_path / "a", [0.90], {"class_path": "torch.nn.Linear", "init_args": {}})
+
+    with pytest.raises(ValueError, match="reads only the classes of lightning_vdm.deformations"):
         load_run(path)
 
 
