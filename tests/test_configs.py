@@ -301,7 +301,21 @@ def test_readme_lists_every_cell() -> None:
     assert len(table1) >= 16
 
 
-@pytest.mark.parametrize("command", _readme_commands())
+def _command_id(command: str) -> str:
+    """Shorten a command to its config files (without folders and .yaml) and overrides, for a readable test id."""
+    parts = []
+    for word in shlex.split(command)[2:]:
+        if word == "--config":
+            continue
+        path = Path(word)
+        if word.endswith(".yaml"):
+            parts.append(path.stem if path.parent.name == "trainer" else f"{path.parent.name}/{path.stem}")
+        else:
+            parts.append(word.removeprefix("--model.init_args."))
+    return " ".join(parts)
+
+
+@pytest.mark.parametrize("command", _readme_commands(), ids=_command_id)
 def test_readme_command_parses(command: str) -> None:
     words = shlex.split(command)
     assert words[:2] == ["lightning-vdm", "fit"]
