@@ -106,13 +106,13 @@ def _read_metrics(path: Path) -> dict[str, list[float]]:
 
 
 def test_quickstart_trains_on_digits(tmp_path, monkeypatch):
+    # The config as shipped (30 epochs; about 10 s on two idle CPU cores), without the progress bar.
     monkeypatch.chdir(tmp_path)
     config = REPOSITORY / "configs" / "quickstart.yaml"
-    short_schedule = ["--trainer.max_epochs=6", "--model.milestones=[3, 5]", "--trainer.enable_progress_bar=false"]
-    cli = VDMLightningCLI(args=["fit", f"--config={config}", *short_schedule])
+    cli = VDMLightningCLI(args=["fit", f"--config={config}", "--trainer.enable_progress_bar=false"])
 
-    # The config sets test_after_fit, so the fit ends with a test of the best checkpoint.
-    assert cli.trainer.callback_metrics["test/acc"].item() >= 0.93
+    # The config sets test_after_fit, so the fit ends with a test of the best checkpoint: the issue's 95 % bar.
+    assert cli.trainer.callback_metrics["test/acc"].item() >= 0.95
     csv_files = list((tmp_path / "logs" / "quickstart" / "csv").glob("version_*/metrics.csv"))
     assert len(csv_files) == 1
     metrics = _read_metrics(csv_files[0])
@@ -121,6 +121,10 @@ def test_quickstart_trains_on_digits(tmp_path, monkeypatch):
     # LE(1, 0.9): δ'(ℓ) = 1 / (1 − 0.9·exp(−ℓ)) lies in (1, 10] for every loss ℓ ≥ 0.
     assert all(1.0 < value <= 10.0 for value in metrics["vdm/derivative"])
     assert list((tmp_path / "logs" / "quickstart" / "tensorboard").glob("version_*/events.out.tfevents.*"))
+    # The TensorBoardLogger comes first, yet the config is saved beside metrics.csv too, for `lightning-vdm report`.
+    saved = yaml.safe_load((csv_files[0].parent / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["deformation"] == "LE(1, 0.9)"
+    assert saved == yaml.safe_load((Path(cli.trainer.log_dir) / "config.yaml").read_text())
 
 
 def test_quickstart_configs_differ_only_in_deformation():
