@@ -1,11 +1,13 @@
 """Measure what VDMMixin and its monitors add to a training step.
 
-Four variants train the same network on the same batches with SGD (Nesterov momentum 0.9, weight decay 5e-4):
+Six variants train the same network on the same batches with SGD (Nesterov momentum 0.9, weight decay 5e-4):
 
 - ``plain``: :class:`~lightning_vdm.models.ImageClassificationModule` in ``Trainer.fit``;
+- ``plain_2_callbacks``: ``plain`` with two callbacks that do nothing, which measures what Lightning itself spends
+  calling the hooks of two callbacks on every step;
 - ``identity``: :class:`~lightning_vdm.models.ImageClassifier` with ``Identity()``;
-- ``le_monitors``: ``ImageClassifier`` with ``LE(1, 0.99)``, ``DeformationMonitor`` and
-  ``EffectiveLearningRateMonitor``;
+- ``le``: ``ImageClassifier`` with ``LE(1, 0.99)``;
+- ``le_monitors``: ``le`` with ``DeformationMonitor`` and ``EffectiveLearningRateMonitor``;
 - ``raw``: a hand-written PyTorch loop.
 
 The Lightning runs log to a CSVLogger at Lightning's default ``log_every_n_steps=50``, with the progress bar, the
@@ -14,7 +16,7 @@ so it includes everything the loop does per batch (data fetch, hooks, logging, b
 Every round runs each variant once, in a random order, and the first ``--warmup`` steps of each run are dropped.
 The reported step time of a variant is the median over rounds of its per-run median.
 
-Peak memory is measured separately: on the CPU each variant trains in a forked process and reports its peak
+Peak memory is measured separately: on the CPU each variant trains in a new Python process and reports its peak
 resident set size; on CUDA it is ``torch.cuda.max_memory_allocated`` per run.
 
 Example::
@@ -26,10 +28,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import multiprocessing
 import random
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import timeit
@@ -48,7 +51,7 @@ from lightning_vdm import DeformationMonitor, EffectiveLearningRateMonitor, Iden
 from lightning_vdm.models.classifier import ImageClassificationModule, ImageClassifier
 from lightning_vdm.models.resnet_cifar import CifarResNet
 
-VARIANTS = ("plain", "identity", "le_monitors", "raw")
+VARIANTS = ("plain", "plain_2_callbacks", "identity", "le", "le_monitors", "raw")
 LOG_EVERY_N_STEPS = 50  # Lightning's default
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 
@@ -173,13 +176,21 @@ class SyncGuard(Callback):
 
 def build_module(variant: str, setting: Setting) -> ImageClassificationModule:
     arguments = dict(network=build_network(setting), num_classes=10, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    if variant == "plain":
+    if variant in ("plain", "plain_2_callbacks"):
         return ImageClassificationModule(**arguments)
     if variant == "identity":
         return ImageClassifier(deformation=Identity(), **arguments)
-    if variant == "le_monitors":
+    if variant in ("le", "le_monitors"):
         return ImageClassifier(deformation=LogExp(1, 0.99), **arguments)
-    raise ValueError(f"`variant` must be one of {VARIANTS[:3]} for a Lightning run, got {variant!r}.")
+    raise ValueError(f"`variant` must be one of {VARIANTS[:-1]} for a Lightning run, got {variant!r}.")
+
+
+class _NoOpCallback(Callback):
+    """A callback that overrides no hook; Lightning still calls each of its hooks on every step."""
+
+
+class _OtherNoOpCallback(_NoOpCallback):
+    """A second no-op callback (Lightning rejects two callbacks with the same state key)."""
 
 
 def run_lightning(variant: str, setting: Setting, loader: DataLoader, sync_check: bool = False) -> RunResult:
@@ -190,6 +201,8 @@ def run_lightning(variant: str, setting: Setting, loader: DataLoader, sync_check
     callbacks: list[Callback] = [guard] if sync_check else []
     if variant == "le_monitors":
         callbacks += [DeformationMonitor(), EffectiveLearningRateMonitor()]
+    if variant == "plain_2_callbacks":
+        callbacks += [_NoOpCallback(), _OtherNoOpCallback()]
     callbacks.append(timer)
     with tempfile.TemporaryDirectory() as directory:
         trainer = Trainer(
@@ -253,26 +266,28 @@ def run_variant(variant: str, setting: Setting, loader: DataLoader, sync_check: 
 # Memory
 
 
-def _peak_rss_child(variant: str, setting: Setting, connection: Any) -> None:
-    run_variant(variant, setting, build_loader(setting))
-    # ru_maxrss is in kibibytes on Linux.
-    connection.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    connection.close()
-
-
 def peak_memory(variant: str, setting: Setting) -> int:
-    """Return the peak memory in bytes of one run: CUDA allocations, or the RSS of a forked CPU process."""
+    """Return the peak memory in bytes of one run: CUDA allocations, or the RSS of a fresh CPU process."""
     if setting.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         run_variant(variant, setting, build_loader(setting))
         return torch.cuda.max_memory_allocated()
-    context = multiprocessing.get_context("fork")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_peak_rss_child, args=(variant, setting, sender))
-    process.start()
-    value = receiver.recv()
-    process.join()
-    return value
+    # A new interpreter rather than a fork: a child forked while torch's or a logger's thread holds a lock can wait
+    # on that lock for ever.
+    command = [
+        sys.executable, __file__, "--peak-rss-of", variant, "--model", setting.model, "--batch-size",
+        str(setting.batch_size), "--steps", str(setting.steps), "--warmup", str(setting.warmup),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, timeout=3600)
+    if completed.returncode != 0:
+        raise RuntimeError(f"The peak-memory run of {variant!r} failed (exit {completed.returncode}):\n{completed.stderr}")
+    return int(completed.stdout.strip().splitlines()[-1])
+
+
+def _print_peak_rss(variant: str, setting: Setting) -> None:
+    run_variant(variant, setting, build_loader(setting))
+    # ru_maxrss is in kibibytes on Linux.
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -297,7 +312,7 @@ def domain_check_cost_us(repeats: int = 20000) -> float:
 
 
 def benchmark(setting: Setting, rounds: int, memory: bool = True, sync_check: bool = False) -> dict[str, Any]:
-    """Run ``rounds`` rounds of the four variants in random order and return the summary."""
+    """Run ``rounds`` rounds of all variants, each round in random order, and return the summary."""
     loader = build_loader(setting)
     order_rng = random.Random(setting.seed)
     per_round: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
@@ -346,11 +361,16 @@ def format_summary(summary: dict[str, Any]) -> str:
             row += f" {memory[variant] / 2**20:.1f} | {memory[variant] / memory['plain']:.4f} |"
         lines.append(row)
     difference = summary["identity_vs_raw_max_abs_loss_diff"]
+    added = summary["added_us_vs_plain"]
     lines += [
         "",
         f"identity vs raw loop: max |loss difference| = {difference:.3g} "
         f"({'match' if difference < 5e-6 else 'MISMATCH'} to five decimals)",
         f"domain check of a CPU loss: {summary['domain_check_us']:.1f} µs per step",
+        "added µs/step, split: "
+        f"mixin with Identity {added['identity']:+.1f}, LE over Identity {added['le'] - added['identity']:+.1f}, "
+        f"Lightning calling two callbacks {added['plain_2_callbacks']:+.1f}, "
+        f"the monitors' own hooks {added['le_monitors'] - added['le'] - added['plain_2_callbacks']:+.1f}",
     ]
     return "\n".join(lines)
 
@@ -361,7 +381,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device to train on")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per run, after warm-up")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps at the start of every run")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of the four variants, each in random order")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of all variants, each in random order")
     parser.add_argument("--batch-size", type=int, default=128, help="samples per batch")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument(
@@ -369,7 +389,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         action="store_true",
         help="on CUDA, raise on any host synchronisation in steps that do not log (set_sync_debug_mode)",
     )
+    parser.add_argument("--peak-rss-of", choices=VARIANTS, help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
+    if arguments.peak_rss_of:
+        # The child process of peak_memory: run one variant and print its peak RSS in bytes.
+        setting = Setting(arguments.model, arguments.batch_size, arguments.steps, arguments.warmup, "cpu")
+        _print_peak_rss(arguments.peak_rss_of, setting)
+        return []
     if arguments.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU, and torch.cuda.is_available() is False.")
 

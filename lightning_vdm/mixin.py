@@ -34,7 +34,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_vdm.deformations import VerticalDeformation, as_deformation, promote_loss
+from lightning_vdm.deformations import VerticalDeformation, as_deformation, deform_for_backward, promote_loss
 
 __all__ = ["VDMMixin", "VDMRecord"]
 
@@ -181,10 +181,10 @@ class VDMMixin:
         if deformation is None:
             records.append(VDMRecord(raw, raw, raw))
             return loss
-        if self.derivative_at == "global_mean" and self._trainer is not None and self.trainer.world_size > 1:
+        if self.derivative_at == "global_mean" and self._trainer is not None and self._trainer.world_size > 1:
             deformed, at = self._vdm_deform_at_global_mean(loss, raw)
         else:
-            deformed = deformation.forward(promote_loss(loss))
+            deformed = deform_for_backward(deformation, promote_loss(loss))
             at = raw
         records.append(VDMRecord(raw, deformed.detach(), at))
         return deformed
@@ -266,9 +266,11 @@ class VDMMixin:
 
     def _vdm_batch_index(self) -> int:
         """Return a number that changes with every training batch, or -1 outside a Trainer."""
-        if self._trainer is None:
+        # `_trainer` rather than the `trainer` property: this runs several times per step and the property checks.
+        trainer = self._trainer
+        if trainer is None:
             return -1
-        return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        return trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
     def _vdm_current_records(self) -> list[VDMRecord]:
         """Return the record list of the current batch, starting a new one when the batch changed."""

@@ -27,14 +27,16 @@ def test_benchmark_prints_ratios(overhead, capsys):
     printed = capsys.readouterr().out
 
     summary = summaries[0]
-    assert set(summary["ratio_vs_plain"]) == {"plain", "identity", "le_monitors", "raw"}
+    assert set(summary["ratio_vs_plain"]) == set(overhead.VARIANTS)
+    assert set(overhead.VARIANTS) == {"plain", "plain_2_callbacks", "identity", "le", "le_monitors", "raw"}
     assert summary["ratio_vs_plain"]["plain"] == 1.0
     assert all(ratio > 0 for ratio in summary["ratio_vs_plain"].values())
     # With Identity the Lightning module trains exactly as the hand-written loop.
     assert summary["identity_vs_raw_max_abs_loss_diff"] < 5e-6
-    for variant in ("plain", "identity", "le_monitors", "raw"):
+    for variant in overhead.VARIANTS:
         assert f"| {variant} |" in printed
     assert "match to five decimals" in printed
+    assert "Lightning calling two callbacks" in printed
 
 
 def test_sync_guard_skips_logging_steps(overhead):
