@@ -111,7 +111,7 @@ def test_quickstart_trains_on_digits(tmp_path, monkeypatch):
     config = REPOSITORY / "configs" / "quickstart.yaml"
     cli = VDMLightningCLI(args=["fit", f"--config={config}", "--trainer.enable_progress_bar=false"])
 
-    # The config sets test_after_fit, so the fit ends with a test of the best checkpoint: the 95 % bar.
+    # The config sets test_after_fit, so the fit ends with a test of the best checkpoint, which must reach 95 %.
     assert cli.trainer.callback_metrics["test/acc"].item() >= 0.95
     csv_files = list((tmp_path / "logs" / "quickstart" / "csv").glob("version_*/metrics.csv"))
     assert len(csv_files) == 1
