@@ -10,7 +10,7 @@ from collections import defaultdict
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -149,6 +149,64 @@ def test_model_without_mixin_raises(tmp_path):
 def test_invalid_logging_interval_raises():
     with pytest.raises(MisconfigurationException, match=r"`logging_interval` must be one of \('step', 'epoch'\), got 'batch'"):
         DeformationMonitor(logging_interval="batch")
+
+
+def test_lightning_lr_monitor_clash_raises(tmp_path):
+    callbacks = [EffectiveLearningRateMonitor(), LearningRateMonitor()]
+
+    with pytest.raises(MisconfigurationException, match=r"both log `lr-<Optimizer>`.*log_learning_rate=False"):
+        _fit(tmp_path, DeformedRegression(deformation="LE(1, 0.9)"), callbacks)
+
+
+def test_lightning_lr_monitor_beside_effective_only(tmp_path):
+    callbacks = [EffectiveLearningRateMonitor(log_learning_rate=False), LearningRateMonitor(logging_interval="step")]
+    model = DeformedRegression(deformation="LE(1, 0.9)", lr=0.05)
+
+    logged = _read_csv(_fit(tmp_path, model, callbacks))
+
+    # Lightning's monitor alone writes lr-SGD, once per step; this monitor writes only the effective rate.
+    assert set(logged["lr-SGD"].values()) == {0.05}
+    assert sorted(logged["lr-SGD"]) == list(range(8))
+    assert sorted(logged["effective-lr-SGD"]) == list(range(8))
+    assert all(value > 0.05 for value in logged["effective-lr-SGD"].values())
+
+
+class _ScriptedLossBase(LightningModule):
+    """Returns the loss ``values[global_step]`` times a weight that a zero learning rate keeps at 1."""
+
+    def __init__(self, values: list[float]) -> None:
+        super().__init__()
+        self.values = values
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def training_step(self, batch, batch_idx):
+        return self.weight * self.values[self.global_step]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class _ScriptedLoss(VDMMixin, _ScriptedLossBase):
+    pass
+
+
+def test_out_of_domain_loss_never_logged(tmp_path):
+    # LE(1, 1.9) needs ℓ > ln(1.9) = 0.642. Four batches per epoch and logging every 3 steps: the monitors log at
+    # steps 2, 5, 8, while the mixin's own batched check runs at step 2, at the end of epoch 0 and at step 6. The bad
+    # loss at step 4 reaches the logging step 5 before the mixin's check.
+    values = [1.0] * 4 + [0.5] + [1.0] * 7
+    model = _ScriptedLoss(values=values, deformation="LE(1, 1.9)")
+    callbacks = [DeformationMonitor(), EffectiveLearningRateMonitor()]
+
+    with pytest.raises(ValueError, match=r"The training loss 0.5 at global step 4 lies outside the domain of LE\(1, 1.9\)"):
+        _fit(tmp_path, model, callbacks, max_epochs=3, log_every_n_steps=3)
+
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    logged_steps = [int(row["step"]) for row in rows if row["vdm/derivative"]]
+    assert logged_steps == [2]
+    derivative = [float(row["vdm/derivative"]) for row in rows if row["vdm/derivative"]]
+    assert derivative[0] == pytest.approx(1 / (1 - 1.9 * math.exp(-1.0)), rel=1e-6)
 
 
 def test_adaptive_optimizer_warns_once(tmp_path):

@@ -100,6 +100,9 @@ class _VDMMonitor(Callback):
 
         window, self._window = self._window, []
         if window and trainer._logger_connector.should_update_logs:
+            # Reading the values synchronises anyway: check the pending losses first, so that a loss outside the
+            # domain stops training with the mixin's error instead of reaching the logs as a NaN or negative δ'.
+            pl_module.vdm_check_losses()
             values = self._values(pl_module, window)
             self._log(trainer, {name: series.mean() for name, series in values.items()})
 
@@ -119,6 +122,7 @@ class _VDMMonitor(Callback):
         if self.logging_interval != "epoch" or not self._epoch:
             return
         samples, self._epoch = self._epoch, []
+        pl_module.vdm_check_losses()
         metrics = {}
         for name, series in self._values(pl_module, samples).items():
             metrics[f"{name}/mean"] = series.mean()

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -49,18 +50,28 @@ class EffectiveLearningRateMonitor(_VDMMonitor):
 
     Args:
         logging_interval: ``"step"`` or ``"epoch"``.
+        log_learning_rate: Also log ``lr-<Optimizer>``. Set it to ``False`` to run Lightning's
+            ``LearningRateMonitor`` beside this monitor, which writes the same keys.
 
     Raises:
         MisconfigurationException: If ``logging_interval`` is invalid, if one optimizer has two parameter groups with
-            the same name, or at train start when the trainer has no logger or the model has no ``VDMMixin``.
+            the same name, or at train start when the trainer has no logger, the model has no ``VDMMixin``, or a
+            ``LearningRateMonitor`` would write the same keys.
     """
 
-    def __init__(self, logging_interval: Literal["step", "epoch"] = "step") -> None:
+    def __init__(self, logging_interval: Literal["step", "epoch"] = "step", log_learning_rate: bool = True) -> None:
         super().__init__(logging_interval)
+        self.log_learning_rate = log_learning_rate
         self._names: list[list[str]] = []
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        if self.log_learning_rate and any(isinstance(callback, LearningRateMonitor) for callback in trainer.callbacks):
+            raise MisconfigurationException(
+                "EffectiveLearningRateMonitor and Lightning's LearningRateMonitor both log `lr-<Optimizer>`, so one "
+                "series would mix the values of both. Remove LearningRateMonitor (this monitor logs the learning "
+                "rate too), or keep it and pass `log_learning_rate=False` to EffectiveLearningRateMonitor."
+            )
         self._names = _group_names(trainer.optimizers)
         adaptive = sorted({type(o).__name__ for o in _unwrap(trainer.optimizers) if isinstance(o, _ADAPTIVE_OPTIMIZERS)})
         if adaptive:
@@ -81,7 +92,8 @@ class EffectiveLearningRateMonitor(_VDMMonitor):
         values = {}
         names = [name for names in self._names for name in names]
         for column, name in enumerate(names):
-            values[name] = lrs[:, column]
+            if self.log_learning_rate:
+                values[name] = lrs[:, column]
             values["effective-" + name] = lrs[:, column] * derivative
         return values
 
