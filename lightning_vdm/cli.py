@@ -9,15 +9,25 @@ deformation is set with ``--model.deformation "LE(1, 0.99)"`` or as a ``class_pa
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import pickle
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from lightning_vdm.deformations import VerticalDeformation, as_deformation
+
 __all__ = ["SaveConfigToEveryLogger", "VDMLightningCLI", "main"]
+
+log = logging.getLogger(__name__)
 
 # Tool name → module whose `main(argv) -> int` runs it.
 _TOOLS = {
@@ -72,12 +82,81 @@ class VDMLightningCLI(LightningCLI):
             help="After fit, test the best checkpoint on the data module's test split (used by `fit` only).",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Take the model's arguments from a checkpoint written through the CLI, and refuse a conflicting deformation.
+
+        LightningCLI replaces the model's arguments by the hyperparameters of ``--ckpt_path``, so a deformation given
+        on the command line or in a config would be dropped without a word. This raises instead when that
+        deformation differs from the checkpoint's. A checkpoint written outside the CLI holds no model config; the
+        model is then built from the config, and ``VDMMixin`` compares the deformations when the checkpoint loads.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        if "_instantiator" not in _checkpoint_hyperparameters(ckpt_path):
+            log.info("%s was not written through LightningCLI; the model is built from the config.", ckpt_path)
+            return
+        key = "model.init_args.deformation"
+        requested = self.config[subcommand].get(key)
+        super()._parse_ckpt_path()
+        resumed = self.config[subcommand].get(key)
+        if requested is None or _same_deformation(requested, resumed):
+            return
+        self.parser.error(
+            f"--ckpt_path {ckpt_path} was trained with deformation {_describe(resumed)}, but the config or command "
+            f"line asks for {_describe(requested)}. LightningCLI resumes with the checkpoint's model arguments, so "
+            "the requested deformation would be ignored. Drop model.deformation to resume as trained; to train "
+            "with another deformation, start a new run instead of resuming this one."
+        )
+
     def after_fit(self) -> None:
         if not self.config["fit"].get("test_after_fit"):
             return
         callback = self.trainer.checkpoint_callback
         has_best = callback is not None and getattr(callback, "best_model_path", "")
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
+
+
+def _checkpoint_hyperparameters(path: str | os.PathLike) -> Mapping[str, Any]:
+    """Return the checkpoint's hyperparameters, or an empty dict if they cannot be read without unpickling code."""
+    try:
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError):
+        # Lightning reports an unreadable checkpoint when it loads it for training.
+        return {}
+    return checkpoint.get("hyper_parameters", {}) or {}
+
+
+def _as_deformation_or_value(value: Any) -> Any:
+    """Build the deformation that a config value names; return the value itself when it names none."""
+    if value is None or isinstance(value, VerticalDeformation):
+        return value
+    if isinstance(value, str):
+        try:
+            return as_deformation(value)
+        except ValueError:
+            return value
+    settings = dict(vars(value)) if hasattr(value, "__dict__") else dict(value) if isinstance(value, Mapping) else None
+    if not settings or "class_path" not in settings:
+        return value
+    module_name, _, class_name = str(settings["class_path"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        init_args = settings.get("init_args") or {}
+        init_args = dict(vars(init_args)) if hasattr(init_args, "__dict__") else dict(init_args)
+        return cls(**init_args)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return value
+
+
+def _same_deformation(first: Any, second: Any) -> bool:
+    return _as_deformation_or_value(first) == _as_deformation_or_value(second)
+
+
+def _describe(value: Any) -> str:
+    deformation = _as_deformation_or_value(value)
+    return repr(deformation) if isinstance(deformation, VerticalDeformation) or deformation is None else str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int | None:

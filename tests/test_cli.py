@@ -11,6 +11,7 @@ import yaml
 
 from lightning_vdm import LogExp, parse_deformation
 from lightning_vdm.cli import VDMLightningCLI, main
+from lightning_vdm.models import CifarResNet, ImageClassifier
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -86,6 +87,67 @@ def test_saved_config_reruns_same_experiment(tmp_path):
     assert second.model.deformation == parse_deformation("AP(18/pi, 1, 2, 1)")
     for before, after in zip(first.model.parameters(), second.model.parameters()):
         torch.testing.assert_close(before, after, rtol=0, atol=0)
+
+
+def _cli_checkpoint(tmp_path, *extra: str) -> str:
+    cli = VDMLightningCLI(args=["fit", *_user_model_args(tmp_path, *extra)])
+    return cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path
+
+
+def test_resume_keeps_checkpoint_deformation(tmp_path):
+    checkpoint = _cli_checkpoint(tmp_path / "first", "--model.deformation=LE(1, 0.99)")
+
+    resumed = VDMLightningCLI(
+        args=["fit", *_user_model_args(tmp_path / "second", "--trainer.max_epochs=3"), f"--ckpt_path={checkpoint}"]
+    )
+
+    assert resumed.model.deformation == LogExp(1, 0.99)
+    assert resumed.trainer.global_step == 12  # 4 steps per epoch, resumed after epoch 2
+
+
+def test_resume_with_other_deformation_errors(tmp_path, capsys):
+    checkpoint = _cli_checkpoint(tmp_path / "first")  # trained without a deformation
+
+    with pytest.raises(SystemExit) as exit_info:
+        VDMLightningCLI(
+            args=["fit", *_user_model_args(tmp_path / "second", "--model.deformation=LE(1, 0.99)"), f"--ckpt_path={checkpoint}"]
+        )
+
+    assert exit_info.value.code == 2
+    message = " ".join(capsys.readouterr().err.split())
+    assert "was trained with deformation None, but the config or command line asks for LE(1, 0.99)" in message
+
+
+def test_resume_python_checkpoint_from_cli(tmp_path):
+    from lightning.pytorch import Trainer
+
+    from tests.tiny import DeformedRegression, RegressionData
+
+    trainer = Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_progress_bar=False)
+    trainer.fit(DeformedRegression(deformation="LE(1, 0.99)"), RegressionData())
+    checkpoint = trainer.checkpoint_callback.best_model_path
+
+    resumed = VDMLightningCLI(
+        args=["fit", *_user_model_args(tmp_path, "--model.deformation=LE(1, 0.99)"), f"--ckpt_path={checkpoint}"]
+    )
+    assert resumed.trainer.global_step == 8
+
+    with pytest.raises(ValueError, match=r"trained with deformation='LE\(1, 0.99\)'.*uses deformation=None"):
+        VDMLightningCLI(args=["fit", *_user_model_args(tmp_path / "other"), f"--ckpt_path={checkpoint}"])
+
+
+def test_load_from_checkpoint_rebuilds_network(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = REPOSITORY / "configs" / "quickstart.yaml"
+    short = ["--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--test_after_fit=false"]
+    cli = VDMLightningCLI(args=["fit", f"--config={config}", *short])
+
+    loaded = ImageClassifier.load_from_checkpoint(cli.trainer.checkpoint_callback.last_model_path)
+
+    assert isinstance(loaded.network, CifarResNet)
+    assert loaded.deformation == LogExp(1, 0.9)
+    for name, value in cli.model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0)
 
 
 def test_unknown_tool_falls_through_to_lightning(capsys):

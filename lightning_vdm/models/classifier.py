@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,7 +56,7 @@ class ImageClassificationModule(LightningModule):
     ) -> None:
         super().__init__()
         _check_arguments(num_classes, lr, momentum, nesterov, weight_decay, milestones, gamma, top_k)
-        self.save_hyperparameters(ignore=["network"])
+        self._save_hyperparameters_with_network_config()
         self.network = network
         self.num_classes = num_classes
         self.top_k = tuple(top_k)
@@ -65,6 +67,20 @@ class ImageClassificationModule(LightningModule):
             {f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in self.top_k}
         )
         self._output_checked = False
+
+    def _save_hyperparameters_with_network_config(self) -> None:
+        """Save the arguments; keep ``network`` only as a LightningCLI config, never as a pickled module.
+
+        Built by LightningCLI, the hyperparameters hold the network's ``class_path`` and ``init_args`` and the CLI's
+        instantiator, so ``load_from_checkpoint(path)`` rebuilds the network. Built in Python, ``network`` is a module
+        whose weights the checkpoint already holds; ``load_from_checkpoint(path, network=...)`` then needs it again.
+        """
+        with warnings.catch_warnings():
+            # Lightning warns when a module lands in the hyperparameters; it is removed right below.
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters(frame=inspect.currentframe().f_back)
+        if isinstance(self.hparams.get("network"), nn.Module):
+            del self.hparams["network"]
 
     def forward(self, images: Tensor) -> Tensor:
         return self.network(images)
