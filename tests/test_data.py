@@ -429,6 +429,14 @@ def test_cifar_holdout_too_large(tmp_path):
         module_class(data_dir=str(tmp_path), val_split=100, num_workers=0).setup("fit")
 
 
+def test_cifar_holdout_leaves_class_empty(tmp_path):
+    module_class, _ = write_fake_cifar(tmp_path, "cifar10")  # 10 training images per class
+    module = module_class(data_dir=str(tmp_path), val_split=95, num_workers=0)
+
+    with pytest.raises(ValueError, match=r"of 10 classes have no training image.*Lower `val_split` \(now 95\)"):
+        module.setup("fit")
+
+
 # --- image folders -------------------------------------------------------------------------
 
 
@@ -491,6 +499,14 @@ def test_image_folder_subsets(tmp_path):
     assert np.bincount(test_labels).tolist() == [2, 2, 2]
     assert module.val_set.dataset is module.train_set.dataset
     assert not set(module.train_set.indices) & set(module.val_set.indices)
+
+
+def test_image_folder_subset_misses_class(tmp_path):
+    write_jpeg_tree(tmp_path, {"train": 2, "test": 1})
+    module = ImageFolderDataModule(root=str(tmp_path), image_size=16, train_subset=2, num_workers=0)
+
+    with pytest.raises(ValueError, match=r"1 of 3 classes have no training image \(\d\).*Raise `train_subset` \(now 2\)"):
+        module.setup("fit")
 
 
 def test_image_folder_worker_loader(tmp_path):

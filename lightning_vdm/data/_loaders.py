@@ -130,6 +130,27 @@ def _largest_remainder(size: int, counts: np.ndarray) -> np.ndarray:
     return base
 
 
+def check_every_class_trains(labels: Sequence[int] | np.ndarray, num_classes: int, advice: str) -> None:
+    """Raise if some of the ``num_classes`` classes has no image among the training ``labels``.
+
+    Args:
+        labels: Class label of every training image in use.
+        num_classes: Number of classes the model predicts.
+        advice: What to change, appended to the error message.
+
+    Raises:
+        ValueError: If a class has no training image.
+    """
+    present = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    missing = np.flatnonzero(present == 0)
+    if missing.size:
+        shown = ", ".join(str(int(label)) for label in missing[:10]) + (", ..." if missing.size > 10 else "")
+        raise ValueError(
+            f"{missing.size} of {num_classes} classes have no training image ({shown}), so the model could never "
+            f"learn them. {advice}"
+        )
+
+
 def stratified_split(labels: Sequence[int] | np.ndarray, sizes: Sequence[int], seed: int) -> list[np.ndarray]:
     """Split sample indices into parts of the given sizes, keeping each class's share in every part.
 

@@ -6,13 +6,20 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from lightning_vdm.data._loaders import LoaderSettings, TransformedSubset, check_int, stratified_split
+from lightning_vdm.data._loaders import (
+    LoaderSettings,
+    TransformedSubset,
+    check_every_class_trains,
+    check_int,
+    stratified_split,
+)
 
 __all__ = [
     "CIFAR100DataModule",
@@ -181,6 +188,11 @@ class CIFAR10DataModule(LightningDataModule):
                     f"`val_split` must be less than the {len(train_base)} training images, got {self.val_split}."
                 )
             val_indices, train_indices = stratified_split(train_base.targets, [self.val_split], seed=self.split_seed)
+            check_every_class_trains(
+                np.asarray(train_base.targets)[train_indices],
+                len(train_base.classes),
+                f"Lower `val_split` (now {self.val_split}) so that every class keeps at least one training image.",
+            )
             self.train_set = TransformedSubset(train_base, train_indices, self.train_transform)
             self.val_set = TransformedSubset(train_base, val_indices, self.eval_transform)
         self.test_set = TransformedSubset(test_base, None, self.eval_transform)

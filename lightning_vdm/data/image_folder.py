@@ -14,6 +14,7 @@ from torchvision.transforms import v2
 from lightning_vdm.data._loaders import (
     LoaderSettings,
     TransformedSubset,
+    check_every_class_trains,
     check_image_tree,
     check_int,
     stratified_split,
@@ -147,6 +148,12 @@ class ImageFolderDataModule(LightningDataModule):
             val_base, val_indices = train_base, train_indices[val_positions]
             train_indices = train_indices[train_positions]
 
+        check_every_class_trains(
+            np.asarray(train_base.targets)[train_indices],
+            len(train_base.classes),
+            f"Raise `train_subset` (now {self.train_subset}) or lower `val_split` (now {self.val_split}) so that "
+            "every class keeps at least one training image.",
+        )
         self.train_set = TransformedSubset(train_base, train_indices, self.train_transform)
         self.val_set = TransformedSubset(val_base, val_indices, self.eval_transform)
         self.test_set = TransformedSubset(test_base, test_indices, self.eval_transform)
