@@ -82,6 +82,21 @@ class VDMLightningCLI(LightningCLI):
             help="After fit, test the best checkpoint on the data module's test split (used by `fit` only).",
         )
 
+    def instantiate_classes(self) -> None:
+        """Build the model, data module and trainer; a bad argument ends with its own message, not a long traceback.
+
+        jsonargparse wraps an error raised in a class's ``__init__`` (an invalid deformation, a missing data folder)
+        in its own, and the original message ends up in the middle of a long traceback. This prints that message
+        as a usage error (exit status 2) instead, before anything is trained or written.
+        """
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            cause = _innermost_cause(error)
+            if cause is error or not isinstance(cause, (ValueError, TypeError, FileNotFoundError)):
+                raise
+            self.parser.error(f"invalid configuration: {type(cause).__name__}: {cause}")
+
     def _parse_ckpt_path(self) -> None:
         """Take the model's arguments from a checkpoint written through the CLI, and refuse a conflicting deformation.
 
@@ -116,6 +131,17 @@ class VDMLightningCLI(LightningCLI):
         callback = self.trainer.checkpoint_callback
         has_best = callback is not None and getattr(callback, "best_model_path", "")
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
+
+
+def _innermost_cause(error: BaseException) -> BaseException:
+    """Follow ``raise ... from`` causes (and implicit contexts) to the first exception raised."""
+    seen = {id(error)}
+    while True:
+        inner = error.__cause__ or error.__context__
+        if inner is None or id(inner) in seen:
+            return error
+        seen.add(id(inner))
+        error = inner
 
 
 def _checkpoint_hyperparameters(path: str | os.PathLike) -> Mapping[str, Any]:

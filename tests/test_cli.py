@@ -150,6 +150,40 @@ def test_load_from_checkpoint_rebuilds_network(tmp_path, monkeypatch):
         torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        ("--model.deformation=LE(1)", "Invalid deformation 'LE(1)': LE takes 2 coefficients"),
+        ("--model.deformation=LE(1, -0.5)", "LE coefficient e2 must be a finite number > 0, got -0.5"),
+        ("--model.deformation=LE(1, 0.99); import os", "Invalid deformation"),
+    ],
+    ids=["notation", "coefficient", "injection"],
+)
+def test_bad_argument_is_usage_error(tmp_path, capsys, argument, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_user_model_args(tmp_path, argument)])
+
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error
+    assert "Traceback" not in error
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_bad_classifier_argument_is_usage_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = REPOSITORY / "configs" / "quickstart.yaml"
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--config={config}", "--model.init_args.lr=-1"])
+
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "invalid configuration: ValueError:" in error
+    assert "-1" in error
+    assert not (tmp_path / "logs").exists()
+
+
 def test_unknown_tool_falls_through_to_lightning(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train"])
