@@ -37,6 +37,12 @@ _TOOLS = {
 }
 
 
+_DESCRIPTION = (
+    "Train with a deformed loss (lightning-vdm). Besides the Lightning subcommands below, the tools "
+    "'lightning-vdm plot', 'lightning-vdm simulate' and 'lightning-vdm report' have their own --help."
+)
+
+
 class SaveConfigToEveryLogger(SaveConfigCallback):
     """Save the run's config beside the files of every logger, not only in the first logger's folder.
 
@@ -71,7 +77,7 @@ class VDMLightningCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", SaveConfigToEveryLogger)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"description": "Train with a deformed loss (lightning-vdm)."})
+        kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
         super().__init__(LightningModule, LightningDataModule, args=args, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -734,7 +734,13 @@ class _NotationParser:
     def _primary(self) -> float:
         token = self._advance()
         if token.kind == "number":
-            return float(token.text)
+            value = float(token.text)
+            mantissa = token.text.lower().split("e")[0]
+            if math.isinf(value) or (value == 0.0 and mantissa.strip("0.")):
+                raise _parse_error(
+                    self._text, f"the number {token.text} at position {token.position} is outside the float64 range"
+                )
+            return value
         if token.kind == "name":
             if token.text in _CONSTANTS:
                 return _CONSTANTS[token.text]

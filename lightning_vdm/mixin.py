@@ -34,7 +34,13 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_vdm.deformations import VerticalDeformation, as_deformation, deform_for_backward, promote_loss
+from lightning_vdm.deformations import (
+    VerticalDeformation,
+    as_deformation,
+    deform_for_backward,
+    parse_deformation,
+    promote_loss,
+)
 
 __all__ = ["VDMMixin", "VDMRecord"]
 
@@ -103,6 +109,7 @@ class VDMMixin:
             raise ValueError(f"`nonfinite_loss` must be one of {_NONFINITE_POLICIES}, got {nonfinite_loss!r}.")
         if derivative_at not in _DERIVATIVE_POINTS:
             raise ValueError(f"`derivative_at` must be one of {_DERIVATIVE_POINTS}, got {derivative_at!r}.")
+        _check_no_positional_deformation(type(self).__name__, args)
         resolved = as_deformation(deformation)
 
         super().__init__(*args, **kwargs)
@@ -352,6 +359,24 @@ class VDMMixin:
         super().on_load_checkpoint(checkpoint)
 
 
+def _check_no_positional_deformation(class_name: str, args: tuple[Any, ...]) -> None:
+    """Raise if a positional argument is a deformation: it would reach the next class in the bases instead."""
+    for argument in args:
+        is_deformation = isinstance(argument, VerticalDeformation)
+        if isinstance(argument, str):
+            try:
+                parse_deformation(argument)
+                is_deformation = True
+            except ValueError:
+                pass
+        if is_deformation:
+            raise TypeError(
+                f"{class_name} got the deformation {argument!r} as a positional argument, which would go to the "
+                f"LightningModule's own arguments. VDMMixin's arguments are keyword-only: pass "
+                f"`deformation={argument!r}`."
+            )
+
+
 def _deformation_notation(deformation: VerticalDeformation | None) -> str | None:
     return None if deformation is None else deformation.notation
 
@@ -390,8 +415,6 @@ def _deformation_hparam(deformation: VerticalDeformation | None) -> VerticalDefo
     if deformation is None:
         return None
     try:
-        from lightning_vdm.deformations import parse_deformation
-
         if parse_deformation(deformation.notation) == deformation:
             return deformation.notation
     except ValueError:

@@ -178,8 +178,8 @@ def _accuracy(rows: list[dict[str, str]], path: Path, val_metric: ValMetric) -> 
     val_top1 = _column(rows, "val/acc")
     if not val_top1:
         raise ValueError(
-            f"{str(path / 'metrics.csv')!r} has no value of 'test/acc' or 'val/acc'; the run logged no "
-            f"validation or test epoch."
+            f"{str(path / 'metrics.csv')!r} has no value of 'test/acc' or 'val/acc'. The report reads the top-1 "
+            "accuracy under these keys, as ImageClassifier logs it; log the accuracy under one of them."
         )
     val_top5 = _column(rows, "val/acc_top5")
     index = len(val_top1) - 1 if val_metric == "last" else max(range(len(val_top1)), key=val_top1.__getitem__)

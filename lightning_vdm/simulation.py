@@ -450,7 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.figure == "figure4" and args.starts < 1:
+        parser.error(f"--starts must be >= 1, got {args.starts}")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"cannot create the output folder --out {args.out}: {error.strerror}")
 
     if args.figure == "figure1":
         result = simulate_figure1()
@@ -458,8 +463,6 @@ def main(argv: list[str] | None = None) -> int:
         plot_figure1(result, path)
         table = _format_figure1_table(result)
     else:
-        if args.starts < 1:
-            parser.error(f"--starts must be >= 1, got {args.starts}")
         result = simulate_figure4(num_starts=args.starts, seed=args.seed)
         path = args.out / "figure4.png"
         plot_figure4(result, path)

@@ -184,6 +184,15 @@ def test_bad_classifier_argument_is_usage_error(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "logs").exists()
 
 
+def test_top_level_help_names_tools(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "'lightning-vdm plot', 'lightning-vdm simulate' and 'lightning-vdm report'" in help_text
+
+
 def test_unknown_tool_falls_through_to_lightning(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train"])

@@ -828,7 +828,7 @@ def test_parse_invalid(text, match):
     [
         ("AP(-1, 1, 2, 1)", r"AP coefficient a1 must be a finite number > 0, got -1\.0"),
         ("LE(1, 1 - 1)", r"LE coefficient e2 must be a finite number > 0, got 0\.0"),
-        ("Power(1e999, 2)", r"Power coefficient scale must be a finite number > 0, got inf"),
+        ("Power(1e999, 2)", r"the number 1e999 at position 6 is outside the float64 range"),
     ],
     ids=["AP-negative", "LE-zero", "Power-overflow"],
 )
@@ -879,3 +879,14 @@ def test_symbols():
 def test_all_sorted():
     assert deformations_module.__all__ == sorted(deformations_module.__all__)
     assert all(hasattr(deformations_module, name) for name in deformations_module.__all__)
+
+
+@pytest.mark.parametrize("text", ["LE(1e-400, 0.5)", "LE(1, 1e999)", "AP(5, 1, 2, 2.5e-350)"])
+def test_parse_number_outside_float64(text):
+    number = re.search(r"\d[\d.]*e-?\d+", text).group(0)
+    with pytest.raises(ValueError, match=rf"the number {re.escape(number)} at position \d+ is outside the float64 range"):
+        parse_deformation(text)
+
+
+def test_parse_zero_written_with_exponent_is_zero():
+    assert parse_deformation("AP(5, 1, 2, 0.00e-999)") == ArctanPower(5, 1, 2, 0)

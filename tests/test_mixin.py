@@ -302,3 +302,18 @@ def test_manual_optimization_deforms_in_manual_backward(tmp_path):
     actual = torch.cat([p.detach().flatten() for p in model.inner.parameters()]).double()
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
     assert len(model.vdm_records) == 1
+
+
+@pytest.mark.parametrize("deformation", ["LE(1, 0.99)", LogExp(1, 0.99)], ids=["notation", "instance"])
+def test_positional_deformation_raises(deformation):
+    with pytest.raises(TypeError, match=r"got the deformation .* as a positional argument.*keyword-only: pass `deformation="):
+        DeformedRegression(deformation)
+
+
+def test_positional_arguments_pass_through():
+    # Positional arguments that are not deformations go to the module's own arguments as usual.
+    model = DeformedRegression(5, 0.2, 0.0, 1.0, "dict", deformation="LE(1, 0.99)")
+
+    assert model.hparams.features == 5
+    assert model.hparams.output == "dict"
+    assert model.deformation == LogExp(1, 0.99)

@@ -136,6 +136,19 @@ def test_derivatives_main_bad_notation(tmp_path, capsys):
     assert "AP takes 4 coefficients" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(["--range", "5", "0"], "--range takes two finite numbers LOW < HIGH, got 5 0"),
+     (["--ylim", "1", "nan"], "--ylim takes two finite numbers LOW < HIGH, got 1 nan")],
+    ids=["range", "ylim"],
+)
+def test_derivatives_main_bad_interval(tmp_path, capsys, option, message):
+    with pytest.raises(SystemExit) as excinfo:
+        derivative_plots.main(["LE(1,0.9)", *option, "--out", str(tmp_path / "fig.png")])
+    assert excinfo.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def figure1_result():
     return simulate_figure1()

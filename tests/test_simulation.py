@@ -358,3 +358,14 @@ def test_main_rejects_zero_starts(tmp_path):
     with pytest.raises(SystemExit) as excinfo:
         main(["figure4", "--out", str(tmp_path), "--starts", "0"])
     assert excinfo.value.code == 2
+
+
+def test_main_rejects_unwritable_out(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+
+    with pytest.raises(SystemExit) as excinfo:
+        main(["figure1", "--out", str(blocker / "figures")])
+
+    assert excinfo.value.code == 2
+    assert f"cannot create the output folder --out {blocker / 'figures'}" in capsys.readouterr().err

@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = _build_parser()
     args = parser.parse_args(argv)
+    # Check the options under their command-line names before the function reports them by its argument names.
+    for option, value in (("--range", args.loss_range), ("--ylim", args.ylim)):
+        if value is not None and not (all(math.isfinite(v) for v in value) and value[0] < value[1]):
+            parser.error(f"{option} takes two finite numbers LOW < HIGH, got {value[0]:g} {value[1]:g}")
     try:
         plot_derivatives(args.deformations, loss_range=tuple(args.loss_range), num=args.num, path=args.out,
                          ylim=None if args.ylim is None else tuple(args.ylim))
