@@ -229,7 +229,7 @@ def test_digits_from_class_path():
     config = parser.parse_object(
         {"data": {"class_path": "lightning_vdm.data.digits.DigitsDataModule", "init_args": {"batch_size": 32}}}
     )
-    module = parser.instantiate(config).data
+    module = _instantiate(parser, config).data
 
     assert isinstance(module, DigitsDataModule)
     assert module.loader.batch_size == 32
@@ -674,3 +674,8 @@ def test_digits_trainer_fit(tmp_path):
     # epochs it classifies well over 90 % of the 360 test images.
     assert val_accuracy > 0.9
     assert result[0]["test_accuracy"] > 0.9
+
+
+def _instantiate(parser, config):
+    # jsonargparse 4.49 renamed `instantiate_classes` to `instantiate`; the older name still works there, with a warning.
+    return parser.instantiate(config) if hasattr(parser, "instantiate") else parser.instantiate_classes(config)

@@ -436,7 +436,7 @@ def test_class_path_selection(class_path, init_args, expected_type):
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(nn.Module, "model")
     config = parser.parse_object({"model": {"class_path": class_path, "init_args": init_args}})
-    model = parser.instantiate(config).model
+    model = _instantiate(parser, config).model
 
     assert type(model) is expected_type
     for key, value in init_args.items():
@@ -450,3 +450,8 @@ def test_class_path_rejects_literal():
     config = {"model": {"class_path": class_path, "init_args": {"depth": 50}}}
     with pytest.raises(ArgumentError, match=r"depth(.|\n)*Literal\[18, 34\](.|\n)*50"):
         parser.parse_object(config)
+
+
+def _instantiate(parser, config):
+    # jsonargparse 4.49 renamed `instantiate_classes` to `instantiate`; the older name still works there, with a warning.
+    return parser.instantiate(config) if hasattr(parser, "instantiate") else parser.instantiate_classes(config)
