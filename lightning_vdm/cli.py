@@ -108,7 +108,7 @@ class VDMLightningCLI(LightningCLI):
 
         LightningCLI replaces the model's arguments by the hyperparameters of ``--ckpt_path``, so a deformation given
         on the command line or in a config would be dropped without a word. This raises instead when that
-        deformation differs from the checkpoint's. A checkpoint written outside the CLI holds no model config; the
+        deformation differs from the checkpoint's. A checkpoint written outside the CLI has no model config. The
         model is then built from the config, and ``VDMMixin`` compares the deformations when the checkpoint loads.
         """
         subcommand = self.config.get("subcommand")
@@ -169,17 +169,24 @@ def _as_deformation_or_value(value: Any) -> Any:
             return as_deformation(value)
         except ValueError:
             return value
-    settings = dict(vars(value)) if hasattr(value, "__dict__") else dict(value) if isinstance(value, Mapping) else None
-    if not settings or "class_path" not in settings:
+    settings = _as_dict(value)
+    if "class_path" not in settings:
         return value
     module_name, _, class_name = str(settings["class_path"]).rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
-        init_args = settings.get("init_args") or {}
-        init_args = dict(vars(init_args)) if hasattr(init_args, "__dict__") else dict(init_args)
-        return cls(**init_args)
+        return cls(**_as_dict(settings.get("init_args")))
     except (ImportError, AttributeError, TypeError, ValueError):
         return value
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    """Return a jsonargparse Namespace or a mapping as a dict; anything else as an empty dict."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if hasattr(value, "__dict__"):
+        return dict(vars(value))
+    return {}
 
 
 def _same_deformation(first: Any, second: Any) -> bool:

@@ -144,9 +144,9 @@ def check_every_class_trains(labels: Sequence[int] | np.ndarray, num_classes: in
     present = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
     missing = np.flatnonzero(present == 0)
     if missing.size:
-        shown = ", ".join(str(int(label)) for label in missing[:10]) + (", ..." if missing.size > 10 else "")
+        listed = ", ".join(str(int(label)) for label in missing[:10]) + (", ..." if missing.size > 10 else "")
         raise ValueError(
-            f"{missing.size} of {num_classes} classes have no training image ({shown}), so the model could never "
+            f"{missing.size} of {num_classes} classes have no training image ({listed}), so the model could never "
             f"learn them. {advice}"
         )
 
