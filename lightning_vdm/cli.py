@@ -98,8 +98,9 @@ class VDMLightningCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except Exception as error:
+            # Older jsonargparse releases raise the class's own error unwrapped; newer ones wrap it.
             cause = _innermost_cause(error)
-            if cause is error or not isinstance(cause, (ValueError, TypeError, FileNotFoundError)):
+            if not isinstance(cause, (ValueError, FileNotFoundError)):
                 raise
             self.parser.error(f"invalid configuration: {type(cause).__name__}: {cause}")
 
