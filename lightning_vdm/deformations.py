@@ -36,7 +36,7 @@ import math
 import numbers
 import re
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,7 +49,6 @@ __all__ = [
     "Power",
     "VerticalDeformation",
     "as_deformation",
-    "deform_for_backward",
     "parse_deformation",
     "promote_loss",
 ]
@@ -193,16 +192,6 @@ class VerticalDeformation(abc.ABC):
         if gradient is None:
             return torch.zeros_like(leaf).detach()
         return gradient
-
-    def value_and_derivative(self, loss: Tensor) -> tuple[Tensor, Tensor]:
-        """Compute δ(ℓ) and δ'(ℓ) together without promotion or domain checks.
-
-        A family whose two formulas share a term overrides this to compute the term once.
-
-        Args:
-            loss: Floating-point loss tensor. Values outside the domain give undefined results.
-        """
-        return self.forward(loss), self.closed_form_derivative(loss)
 
     def in_domain(self, loss: Tensor) -> Tensor:
         """Return a boolean tensor that is True where the loss is finite and inside the domain.
@@ -456,21 +445,13 @@ class LogExp(VerticalDeformation):
 
     def forward(self, loss: Tensor) -> Tensor:
         """Compute e1·ln(exp(ℓ) − e2) without checks."""
-        return self._value(loss, self._one_minus_shift(loss))
+        # ln(exp(ℓ) − e2) = ℓ + ln(1 − e2·exp(−ℓ)). The paper's settings have e1 = 1, where the product is skipped.
+        value = loss + torch.log(self._one_minus_shift(loss))
+        return value if self.e1 == 1.0 else self.e1 * value
 
     def closed_form_derivative(self, loss: Tensor) -> Tensor:
         """Compute e1·exp(ℓ) / (exp(ℓ) − e2) without checks."""
         return self.e1 / self._one_minus_shift(loss)
-
-    def value_and_derivative(self, loss: Tensor) -> tuple[Tensor, Tensor]:
-        """Compute δ(ℓ) and δ'(ℓ) from one evaluation of 1 − e2·exp(−ℓ)."""
-        shift = self._one_minus_shift(loss)
-        return self._value(loss, shift), self.e1 / shift
-
-    def _value(self, loss: Tensor, shift: Tensor) -> Tensor:
-        # ln(exp(ℓ) − e2) = ℓ + ln(1 − e2·exp(−ℓ)). The paper's settings have e1 = 1, where the product is skipped.
-        value = loss + torch.log(shift)
-        return value if self.e1 == 1.0 else self.e1 * value
 
 
 class Power(VerticalDeformation):
@@ -548,47 +529,6 @@ class Identity(VerticalDeformation):
     def closed_form_derivative(self, loss: Tensor) -> Tensor:
         """Return ones shaped like the loss."""
         return torch.ones_like(loss)
-
-
-class _ClosedFormDeformation(torch.autograd.Function):
-    """δ(ℓ) whose backward multiplies by the closed-form δ'(ℓ) computed in the forward pass."""
-
-    @staticmethod
-    def forward(ctx: Any, loss: Tensor, deformation: VerticalDeformation) -> Tensor:
-        value, slope = deformation.value_and_derivative(loss)
-        ctx.deformation = deformation
-        ctx.save_for_backward(loss, slope)
-        return value
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        loss, slope = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # backward(create_graph=True): recompute δ' from the saved loss so that autograd can differentiate it
-            # again, for example for a gradient penalty on the deformed loss.
-            slope = ctx.deformation.closed_form_derivative(loss)
-        return grad * slope, None
-
-
-def deform_for_backward(deformation: VerticalDeformation, loss: Tensor) -> Tensor:
-    """Return δ(loss) for backward, with the gradient δ'(loss)·∇loss taken from the closed form.
-
-    For the built-in families this records one autograd node instead of one per operation of δ, which makes a
-    training step cheaper, and the gradient is exactly the closed-form δ'. A deformation without a closed form
-    goes through :meth:`VerticalDeformation.forward` and autograd. Second derivatives
-    (``backward(create_graph=True)``) are supported in both cases. Like :meth:`VerticalDeformation.forward`, this
-    neither promotes nor checks the loss.
-
-    Args:
-        deformation: The deformation δ.
-        loss: Floating-point loss tensor.
-    """
-    if isinstance(deformation, Identity):
-        return loss
-    closed_form = type(deformation).closed_form_derivative is not VerticalDeformation.closed_form_derivative
-    if not closed_form or not (loss.requires_grad and torch.is_grad_enabled()):
-        return deformation.forward(loss)
-    return _ClosedFormDeformation.apply(loss, deformation)
 
 
 _FAMILIES: dict[str, tuple[type[VerticalDeformation], tuple[str, ...]]] = {

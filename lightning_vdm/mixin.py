@@ -37,7 +37,6 @@ from torch import Tensor
 from lightning_vdm.deformations import (
     VerticalDeformation,
     as_deformation,
-    deform_for_backward,
     parse_deformation,
     promote_loss,
 )
@@ -191,7 +190,7 @@ class VDMMixin:
         if self.derivative_at == "global_mean" and self._trainer is not None and self._trainer.world_size > 1:
             deformed, at = self._vdm_deform_at_global_mean(loss, raw)
         else:
-            deformed = deform_for_backward(deformation, promote_loss(loss))
+            deformed = deformation.forward(promote_loss(loss))
             at = raw
         records.append(VDMRecord(raw, deformed.detach(), at))
         return deformed

@@ -15,7 +15,6 @@ from lightning_vdm.deformations import (
     Power,
     VerticalDeformation,
     as_deformation,
-    deform_for_backward,
     parse_deformation,
     promote_loss,
 )
@@ -139,19 +138,6 @@ def test_derivative_matches_textbook_autograd(deformation):
     torch.testing.assert_close(closed_form, textbook, rtol=1e-7, atol=0.0)
 
 
-@pytest.mark.parametrize("deformation", ALL_DEFORMATIONS, ids=repr)
-def test_backward_path_matches_textbook(deformation):
-    losses = _loss_grid(deformation)
-    leaf = losses.clone().requires_grad_(True)
-
-    values = deform_for_backward(deformation, leaf)
-    (gradient,) = torch.autograd.grad(values.sum(), leaf)
-    textbook = _autograd_derivative(lambda loss: _textbook_torch(deformation, loss), losses)
-
-    torch.testing.assert_close(values.detach(), deformation.forward(losses), rtol=0.0, atol=0.0)
-    torch.testing.assert_close(gradient, textbook, rtol=1e-7, atol=0.0)
-
-
 def _interior_grid(deformation):
     """Return float64 losses strictly inside the domain and away from the bound, where δ'' is finite."""
     losses = _loss_grid(deformation)
@@ -162,10 +148,10 @@ def _interior_grid(deformation):
 
 
 @pytest.mark.parametrize("deformation", ALL_DEFORMATIONS, ids=repr)
-def test_backward_path_second_derivative(deformation):
+def test_second_derivative_matches_textbook(deformation):
     losses = _interior_grid(deformation)
 
-    second = _second_derivative(lambda loss: deform_for_backward(deformation, loss), losses)
+    second = _second_derivative(deformation.forward, losses)
     reference = _second_derivative(lambda loss: _textbook_torch(deformation, loss), losses)
 
     torch.testing.assert_close(second, reference, rtol=1e-6, atol=1e-12)
@@ -179,38 +165,6 @@ def _second_derivative(function, losses):
         return torch.zeros_like(losses)
     (second,) = torch.autograd.grad(first.sum(), leaf, allow_unused=True)
     return torch.zeros_like(losses) if second is None else second
-
-
-@pytest.mark.parametrize("deformation", [LogExp(1, 0.99), LogExp(2.5, 0.01), ArctanPower(2, 3, 0.5, 0.25), Power(0.1, 3.7)], ids=repr)
-def test_backward_path_gradgradcheck(deformation):
-    losses = _interior_grid(deformation)[:6].clone().requires_grad_(True)
-
-    assert torch.autograd.gradcheck(lambda loss: deform_for_backward(deformation, loss), (losses,))
-    assert torch.autograd.gradgradcheck(lambda loss: deform_for_backward(deformation, loss), (losses,))
-
-
-def test_backward_path_one_node_for_built_in_family():
-    loss = torch.tensor(0.5, requires_grad=True)
-
-    deformed = deform_for_backward(LogExp(1, 0.9), loss)
-
-    assert type(deformed.grad_fn).__name__ == "_ClosedFormDeformationBackward"
-    assert deformed.grad_fn.next_functions[0][0] is not None  # the node leads back to the loss
-
-
-def test_backward_path_without_grad_returns_forward():
-    loss = torch.tensor(0.5)
-
-    deformed = deform_for_backward(LogExp(1, 0.9), loss)
-
-    assert deformed.grad_fn is None
-    torch.testing.assert_close(deformed, LogExp(1, 0.9).forward(loss), rtol=0.0, atol=0.0)
-
-
-def test_backward_path_identity_returns_loss():
-    loss = torch.tensor(0.5, requires_grad=True)
-
-    assert deform_for_backward(Identity(), loss) is loss
 
 
 @pytest.mark.parametrize("deformation", ALL_DEFORMATIONS, ids=repr)
@@ -604,16 +558,6 @@ def test_custom_derivative_by_autograd():
     torch.testing.assert_close(slopes, 1 / (1 + losses.detach()))
     assert not slopes.requires_grad
     assert losses.grad is None
-
-
-def test_custom_backward_path_uses_autograd():
-    loss = torch.tensor(2.0, requires_grad=True)
-
-    deformed = deform_for_backward(LogOnePlus(), loss)
-    deformed.backward()
-
-    assert type(deformed.grad_fn).__name__ != "_ClosedFormDeformationBackward"
-    torch.testing.assert_close(loss.grad, torch.tensor(1 / 3))
 
 
 def test_custom_derivative_in_no_grad():
