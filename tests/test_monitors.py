@@ -172,7 +172,7 @@ def test_lightning_lr_monitor_beside_effective_only(tmp_path):
 
 
 class _ScriptedLossBase(LightningModule):
-    """Returns the loss ``values[global_step]`` times a weight that a zero learning rate keeps at 1."""
+    """A module whose loss is ``values[global_step]`` times a weight that a zero learning rate keeps at 1."""
 
     def __init__(self, values: list[float]) -> None:
         super().__init__()
