@@ -15,11 +15,12 @@ from lightning_vdm.deformations import (
     as_deformation,
     parse_deformation,
 )
-from lightning_vdm.mixin import VDMMixin
+from lightning_vdm.mixin import DeformationMismatchError, VDMMixin
 
 __all__ = [
     "ArctanPower",
     "DeformationDomainError",
+    "DeformationMismatchError",
     "DeformationMonitor",
     "EffectiveLearningRateMonitor",
     "Identity",

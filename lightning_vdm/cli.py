@@ -24,6 +24,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from lightning_vdm.deformations import VerticalDeformation, as_deformation
+from lightning_vdm.mixin import DeformationMismatchError
 
 __all__ = ["SaveConfigToEveryLogger", "VDMLightningCLI", "main"]
 
@@ -119,6 +120,10 @@ class VDMLightningCLI(LightningCLI):
         if "_instantiator" not in _checkpoint_hyperparameters(ckpt_path):
             log.info("%s was not written through LightningCLI; the model is built from the config.", ckpt_path)
             return
+        if subcommand != "fit":
+            # Evaluation never deforms: take the checkpoint's arguments as LightningCLI does, without a check.
+            super()._parse_ckpt_path()
+            return
         key = "model.init_args.deformation"
         requested = self.config[subcommand].get(key)
         super()._parse_ckpt_path()
@@ -131,6 +136,16 @@ class VDMLightningCLI(LightningCLI):
             "the requested deformation would be ignored. Drop model.deformation to resume as trained; to train "
             "with another deformation, start a new run instead of resuming this one."
         )
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # The mixin's advice speaks of Python; give the command-line form instead of a long traceback.
+        try:
+            super()._run_subcommand(subcommand)
+        except DeformationMismatchError as error:
+            self.parser.error(
+                f"{error} From the command line: set --model.deformation (and --model.derivative_at) to the "
+                "checkpoint's values to resume it, or start a new run instead of resuming."
+            )
 
     def after_fit(self) -> None:
         if not self.config["fit"].get("test_after_fit"):

@@ -41,12 +41,16 @@ from lightning_vdm.deformations import (
     promote_loss,
 )
 
-__all__ = ["VDMMixin", "VDMRecord"]
+__all__ = ["DeformationMismatchError", "VDMMixin", "VDMRecord"]
 
 log = logging.getLogger(__name__)
 
 _NONFINITE_POLICIES = ("error", "skip")
 _DERIVATIVE_POINTS = ("local", "global_mean")
+
+
+class DeformationMismatchError(ValueError):
+    """Training resumes from a checkpoint that was trained with another deformation or derivative point."""
 
 
 class VDMRecord(NamedTuple):
@@ -350,9 +354,11 @@ class VDMMixin:
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("vdm", {})
-        if self._trainer is not None and self.vdm_check_resumed_deformation:
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+        if fitting and self.vdm_check_resumed_deformation:
             # Resuming with `Trainer.fit(ckpt_path=...)` restores weights but keeps the running model's
             # deformation; `load_from_checkpoint` has no trainer yet and builds the model from the hyperparameters.
+            # Validation, test and prediction never deform, so any checkpoint serves them.
             _check_same_deformation(state, checkpoint.get("hyper_parameters", {}), self)
         self.vdm_skipped_steps = state.get("skipped_steps", 0)
         super().on_load_checkpoint(checkpoint)
@@ -397,16 +403,32 @@ def _check_same_deformation(state: Mapping[str, Any], hparams: Mapping[str, Any]
             same = as_deformation(saved) == model.deformation
         except (TypeError, ValueError):
             same = False
+    saved_object = hparams.get("deformation")
+    if same and isinstance(saved_object, VerticalDeformation) and isinstance(model.deformation, VerticalDeformation):
+        # A deformation of the user's own without `coefficients` has the notation "Name()" whatever its settings,
+        # so the pickled object from the hyperparameters is compared attribute by attribute.
+        same = _same_attributes(saved_object, model.deformation)
     saved_point = state.get("derivative_at", hparams.get("derivative_at", model.derivative_at))
     if same and saved_point == model.derivative_at:
         return
-    raise ValueError(
+    raise DeformationMismatchError(
         f"The checkpoint was trained with deformation={saved!r} and derivative_at={saved_point!r}, but the model "
         f"being resumed uses deformation={running!r} and derivative_at={model.derivative_at!r}. Build the model "
         "with the checkpoint's values (for example `Model.load_from_checkpoint(path)`) before `fit(ckpt_path=...)`, "
         "or set `model.vdm_check_resumed_deformation = False` to continue with the running model's deformation "
         "on purpose."
     )
+
+
+def _same_attributes(first: VerticalDeformation, second: VerticalDeformation) -> bool:
+    """Return whether two deformations have the same class and equal attributes (True when they cannot be compared)."""
+    if type(first) is not type(second):
+        return False
+    try:
+        return bool(vars(first) == vars(second))
+    except (RuntimeError, TypeError, ValueError):
+        # Attributes such as tensors do not compare to one bool; the notation already matched.
+        return True
 
 
 def _deformation_hparam(deformation: VerticalDeformation | None) -> VerticalDeformation | str | None:

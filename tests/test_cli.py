@@ -107,8 +107,9 @@ _CLI_READS_CHECKPOINT_ARGUMENTS = hasattr(LightningCLI, "_parse_ckpt_path")
 def test_resume_keeps_checkpoint_deformation(tmp_path):
     checkpoint = _cli_checkpoint(tmp_path / "first", "--model.deformation=LE(1, 0.99)")
     if not _CLI_READS_CHECKPOINT_ARGUMENTS:
-        with pytest.raises(ValueError, match=r"trained with deformation='LE\(1, 0.99\)'.*uses deformation=None"):
+        with pytest.raises(SystemExit) as exit_info:
             VDMLightningCLI(args=["fit", *_user_model_args(tmp_path / "second"), f"--ckpt_path={checkpoint}"])
+        assert exit_info.value.code == 2
         return
 
     resumed = VDMLightningCLI(
@@ -122,10 +123,11 @@ def test_resume_keeps_checkpoint_deformation(tmp_path):
 def test_resume_with_other_deformation_errors(tmp_path, capsys):
     checkpoint = _cli_checkpoint(tmp_path / "first")  # trained without a deformation
     if not _CLI_READS_CHECKPOINT_ARGUMENTS:
-        with pytest.raises(ValueError, match=r"trained with deformation=None.*uses deformation='LE\(1, 0.99\)'"):
+        with pytest.raises(SystemExit) as exit_info:
             VDMLightningCLI(
                 args=["fit", *_user_model_args(tmp_path / "second", "--model.deformation=LE(1, 0.99)"), f"--ckpt_path={checkpoint}"]
             )
+        assert exit_info.value.code == 2
         return
 
     with pytest.raises(SystemExit) as exit_info:
@@ -138,7 +140,7 @@ def test_resume_with_other_deformation_errors(tmp_path, capsys):
     assert "was trained with deformation None, but the config or command line asks for LE(1, 0.99)" in message
 
 
-def test_resume_python_checkpoint_from_cli(tmp_path):
+def test_resume_python_checkpoint_from_cli(tmp_path, capsys):
     from lightning.pytorch import Trainer
 
     from tests.tiny import DeformedRegression, RegressionData
@@ -152,8 +154,17 @@ def test_resume_python_checkpoint_from_cli(tmp_path):
     )
     assert resumed.trainer.global_step == 8
 
-    with pytest.raises(ValueError, match=r"trained with deformation='LE\(1, 0.99\)'.*uses deformation=None"):
+    with pytest.raises(SystemExit) as exit_info:
         VDMLightningCLI(args=["fit", *_user_model_args(tmp_path / "other"), f"--ckpt_path={checkpoint}"])
+    assert exit_info.value.code == 2
+    message = " ".join(capsys.readouterr().err.split())
+    assert "trained with deformation='LE(1, 0.99)'" in message
+    assert "From the command line: set --model.deformation" in message
+    assert "Traceback" not in message
+
+    # Validation never deforms, so the same checkpoint validates with any deformation.
+    validated = VDMLightningCLI(args=["validate", *_user_model_args(tmp_path / "validate"), f"--ckpt_path={checkpoint}"])
+    assert validated.model.deformation is None
 
 
 def test_load_from_checkpoint_rebuilds_network(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 from collections import defaultdict
 
 import pytest
@@ -12,8 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_vdm import DeformationMonitor, EffectiveLearningRateMonitor, LogExp, parse_deformation
-from tests.tiny import DeformedRegression, regression_data
+from lightning_vdm import DeformationMismatchError, DeformationMonitor, EffectiveLearningRateMonitor, LogExp, parse_deformation
+from tests.tiny import DeformedRegression, ScaledSquareRoot, regression_data
 
 SEED = 0
 DEFORMATION = "AP(18/pi, 1, 2, 1)"
@@ -241,3 +242,28 @@ def test_resume_old_checkpoint_uses_hparams(tmp_path):
     resumed, _ = _trainer(tmp_path, max_steps=4, version=1)
     with pytest.raises(ValueError, match=r"uses deformation='LE\(1, 0.5\)'"):
         resumed.fit(_model("LE(1, 0.5)"), _Data("sequential"), ckpt_path=old_path)
+
+
+def test_resume_custom_deformation_compares_attributes(tmp_path):
+    first, checkpoint = _trainer(tmp_path, max_steps=2, version=0)
+    first.fit(DeformedRegression(deformation=ScaledSquareRoot(3.0)), _Data("sequential"))
+    # Both notations read "ScaledSquareRoot()": only the pickled attributes tell k = 3 from k = 5.
+    resumed, _ = _trainer(tmp_path, max_steps=4, version=1)
+    load = {"weights_only": False} if "weights_only" in inspect.signature(Trainer.fit).parameters else {}
+
+    with pytest.raises(DeformationMismatchError, match=r"trained with deformation='ScaledSquareRoot\(\)'"):
+        resumed.fit(DeformedRegression(deformation=ScaledSquareRoot(5.0)), _Data("sequential"), ckpt_path=checkpoint.last_model_path, **load)
+
+    same, _ = _trainer(tmp_path, max_steps=4, version=2)
+    same.fit(DeformedRegression(deformation=ScaledSquareRoot(3.0)), _Data("sequential"), ckpt_path=checkpoint.last_model_path, **load)
+    assert same.global_step == 4
+
+
+def test_validate_accepts_other_deformation(tmp_path):
+    first, checkpoint = _trainer(tmp_path, max_steps=2, version=0)
+    first.fit(_model(), _Data("sequential"))
+    evaluator, _ = _trainer(tmp_path, max_steps=4, version=1)
+
+    evaluator.validate(_model("LE(1, 0.9)"), _Data("sequential"), ckpt_path=checkpoint.last_model_path)
+
+    assert evaluator.state.finished

@@ -9,7 +9,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_vdm import VDMMixin
+from lightning_vdm import VDMMixin, VerticalDeformation
 
 
 def regression_data(num: int = 32, features: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -96,3 +96,13 @@ class TinyRegression(LightningModule):
 
 class DeformedRegression(VDMMixin, TinyRegression):
     """TinyRegression with a deformed loss."""
+
+
+class ScaledSquareRoot(VerticalDeformation):
+    """δ(ℓ) = k·√(ℓ + 1): a user's deformation that keeps its setting in an attribute, not in ``coefficients``."""
+
+    def __init__(self, k: float) -> None:
+        self.k = k
+
+    def forward(self, loss: Tensor) -> Tensor:
+        return self.k * torch.sqrt(loss + 1.0)

@@ -130,13 +130,16 @@ def _largest_remainder(size: int, counts: np.ndarray) -> np.ndarray:
     return base
 
 
-def check_every_class_trains(labels: Sequence[int] | np.ndarray, num_classes: int, advice: str) -> None:
+def check_every_class_trains(
+    labels: Sequence[int] | np.ndarray, num_classes: int, advice: str, names: Sequence[str] | None = None
+) -> None:
     """Raise if some of the ``num_classes`` classes has no image among the training ``labels``.
 
     Args:
         labels: Class label of every training image in use.
         num_classes: Number of classes the model predicts.
         advice: What to change, appended to the error message.
+        names: Class names to show in the message (for example folder names); the labels when omitted.
 
     Raises:
         ValueError: If a class has no training image.
@@ -144,7 +147,8 @@ def check_every_class_trains(labels: Sequence[int] | np.ndarray, num_classes: in
     present = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
     missing = np.flatnonzero(present == 0)
     if missing.size:
-        listed = ", ".join(str(int(label)) for label in missing[:10]) + (", ..." if missing.size > 10 else "")
+        missing_names = [str(names[label]) if names is not None else str(int(label)) for label in missing[:10]]
+        listed = ", ".join(missing_names) + (", ..." if missing.size > 10 else "")
         raise ValueError(
             f"{missing.size} of {num_classes} classes have no training image ({listed}), so the model could never "
             f"learn them. {advice}"

@@ -153,6 +153,7 @@ class ImageFolderDataModule(LightningDataModule):
             len(train_base.classes),
             f"Raise `train_subset` (now {self.train_subset}) or lower `val_split` (now {self.val_split}) so that "
             "every class keeps at least one training image.",
+            names=train_base.classes,
         )
         self.train_set = TransformedSubset(train_base, train_indices, self.train_transform)
         self.val_set = TransformedSubset(val_base, val_indices, self.eval_transform)
