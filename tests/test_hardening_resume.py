@@ -133,7 +133,7 @@ def test_resume_at_epoch_end_is_exact(tmp_path, loader, at_epoch_end):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="torchdata 0.11 with Lightning 2.6: a StatefulDataLoader checkpointed after the last batch of an epoch, "
+    reason="torchdata 0.11 with Lightning 2.6.6 (and torchdata 0.8 with Lightning 2.5.0): a StatefulDataLoader checkpointed after the last batch of an epoch, "
     "but before the epoch's end, is restored as exhausted, so the resumed run's next epoch has no batches",
 )
 def test_resume_stateful_last_batch_checkpoint(tmp_path):
