@@ -390,3 +390,24 @@ def test_two_steps_cpu(case: tuple[str, str, bool], image_trees, tmp_path, monke
         assert checkpoint.monitor == "val/acc"
         assert Path(checkpoint.best_model_path).is_file()
         assert checkpoint.best_model_score == pytest.approx(accuracies[0])
+
+
+@pytest.mark.parametrize(
+    ("base", "overlay"),
+    [("quickstart.yaml", "flatness/monitor.yaml"), ("local/resnet20_cifar10_jpeg.yaml", "flatness/resnet20_cifar10_jpeg.yaml")],
+    ids=["quickstart", "resnet20-jpeg"],
+)
+def test_flatness_overlay_adds_monitor(base: str, overlay: str, image_trees: dict[str, Path], tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_vdm.callbacks import FlatnessMonitor
+
+    args = ["--config", str(CONFIGS / base), "--config", str(CONFIGS / overlay)]
+    args += _data_overrides("local", image_trees) if base.startswith("local/") else []
+    cli = _build([*args, "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.name", "run"])
+
+    monitors = [callback for callback in cli.trainer.callbacks if isinstance(callback, FlatnessMonitor)]
+    assert len(monitors) == 1
+    assert monitors[0].num_batches == 4
+    assert isinstance(cli.trainer.logger, CSVLogger)
+    assert len(cli.trainer.loggers) == 1
