@@ -16,8 +16,8 @@ so it includes everything the loop does per batch (data fetch, hooks, logging, b
 Every round runs each variant once, in a random order, and the first ``--warmup`` steps of each run are dropped.
 The reported step time of a variant is the median over rounds of its per-run median.
 
-Peak memory is measured separately: on the CPU each variant trains in a new Python process and reports its peak
-resident set size; on CUDA it is ``torch.cuda.max_memory_allocated`` per run.
+Peak memory is measured separately. On the CPU each variant trains in a new Python process and reports its peak
+resident set size. On CUDA it is ``torch.cuda.max_memory_allocated`` per run.
 
 Example::
 

@@ -169,7 +169,8 @@ def _innermost_cause(error: BaseException) -> BaseException:
 def _checkpoint_hyperparameters(path: str | os.PathLike) -> Mapping[str, Any]:
     """Return the checkpoint's hyperparameters, or an empty dict if they cannot be read without unpickling code."""
     try:
-        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+        # Memory-mapped, because only the hyperparameters are read here and Lightning loads the weights later.
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError):
         # Lightning reports an unreadable checkpoint when it loads it for training.
         return {}

@@ -11,8 +11,8 @@ the gradient becomes δ'(ℓ)·∇ℓ:
 
     model = MyNet(deformation="LE(1, 0.99)", **my_module_arguments)
 
-The mixin keeps, for the latest training batch, the raw loss, the deformed loss and the loss at which δ' was taken
-as detached tensors (no host synchronisation); the monitors in :mod:`lightning_vdm.callbacks` read them.
+For the latest training batch the mixin keeps the raw loss, the deformed loss and the loss at which δ' was taken,
+as detached tensors and without a host synchronisation. The monitors in :mod:`lightning_vdm.callbacks` read them.
 
 Domain and non-finite losses. A loss outside the deformation's domain, NaN or Inf, cannot be deformed. To avoid a
 host synchronisation on every step, the mixin collects the detached raw losses and checks them together: every
@@ -140,7 +140,7 @@ class VDMMixin:
         self._vdm_step_ran = True
         output = super().training_step(*args, **kwargs)
         if not self.automatic_optimization or output is None:
-            # Manual optimization deforms inside `manual_backward`; `None` tells Lightning to skip the step.
+            # Manual optimization deforms inside `manual_backward`. A `None` output makes Lightning skip the step.
             return output
         if isinstance(output, Tensor):
             return self._vdm_deform(output)

@@ -1,8 +1,8 @@
 """Summarise training runs as a Markdown table in the shape of Table 2 of the deformation paper.
 
 ``lightning-vdm report RUN_DIR... --out results.md`` reads each run folder written by a ``CSVLogger`` (its
-``metrics.csv``) together with the configuration of the run: the ``config.yaml`` that LightningCLI saves in the first
-logger's folder (so the shipped configs list the ``CSVLogger`` first), or else the logger's ``hparams.yaml``. Runs
+``metrics.csv``) together with the configuration of the run: the ``config.yaml`` that ``lightning-vdm fit`` saves
+beside every logger's files, or else the logger's ``hparams.yaml``. Runs
 are grouped into cells by dataset and network. In each cell the runs without a deformation are the baseline and
 the runs with one are the deformed arm, and the table gives the median top-1 accuracy of each arm, the deformation
 in the paper's notation, the difference of the medians and the number of runs, as in Table 2 of "Deforming the Loss
@@ -319,8 +319,9 @@ def load_run(path: str | Path, val_metric: ValMetric = "last") -> RunRecord:
         hparams = _read_yaml(hparams_file)
         warnings.warn(
             f"{str(path)!r} has no config.yaml, only hparams.yaml, which does not name the network or the data "
-            f"module; the run is reported as 'unknown network'. Put the CSVLogger first in the trainer's logger "
-            f"list so that LightningCLI saves config.yaml beside metrics.csv.",
+            f"module; the run is reported as 'unknown network'. Train with `lightning-vdm fit`, which saves "
+            f"config.yaml beside every logger's files, or with plain LightningCLI put the CSVLogger first in the "
+            f"trainer's logger list.",
             UserWarning,
             stacklevel=2,
         )

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reaso
 
 
 class _Recorder(Callback):
-    """Write, per process, the first batch, its raw loss and the gradient the optimizer sees."""
+    """Write, per process, the first batch, its raw loss and the gradient the optimizer receives."""
 
     def __init__(self, directory) -> None:
         self.directory = directory

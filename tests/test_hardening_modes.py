@@ -53,7 +53,7 @@ def _read_csv(path) -> dict[str, dict[int, float]]:
 
 
 class _GradientProbe(Callback):
-    """Keep the value handed to backward and the gradient the optimizer sees, for every step."""
+    """Record the value passed to backward and the gradient the optimizer receives, at every step."""
 
     def __init__(self) -> None:
         self.backward_values: list[float] = []
@@ -114,7 +114,7 @@ def test_grad_scaler_scales_deformed_loss(tmp_path, notation):
     _trainer(tmp_path, plugins=[_fp16_plugin()], max_steps=1, callbacks=[probe]).fit(model, RegressionData(batch_size=8))
 
     record = model.vdm_records[0]
-    # Backward receives scale × δ(ℓ), and the optimizer sees the unscaled gradient δ'(ℓ)·∇ℓ.
+    # Backward receives scale × δ(ℓ), and the optimizer receives the unscaled gradient δ'(ℓ)·∇ℓ.
     assert probe.scales[0] == INITIAL_SCALE
     assert probe.backward_values[0] == pytest.approx(probe.scales[0] * deformation(record.raw).item(), rel=1e-6)
     torch.testing.assert_close(probe.grads[0].double(), expected_grad, rtol=1e-2, atol=1e-3)
@@ -152,7 +152,7 @@ def test_nonfinite_keeps_earlier_checkpoints(tmp_path):
     restored = _BreaksAtStep.load_from_checkpoint(tmp_path / "ckpt" / "step=3.ckpt")
     assert all(torch.isfinite(p).all() for p in restored.parameters())
     assert torch.equal(restored.layer.weight, model.layer.weight)
-    # The CSV logger was flushed on the error: it holds the monitor's rows of the three good steps.
+    # The CSV logger was flushed on the error, so it contains the monitor's rows of the three good steps.
     logged = _read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     assert sorted(logged["vdm/derivative"]) == [0, 1, 2]
 
@@ -240,8 +240,8 @@ def test_accumulation_with_clipping_and_schedule(tmp_path):
     logged = _read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     assert sorted(logged["lr-SGD"]) == [0, 1]
     assert logged["lr-SGD"][1] == pytest.approx(0.04)
-    # Lightning clips after on_before_optimizer_step; the probe sees the unclipped sum over the two micro-batches
-    # of δ'(ℓ)·∇ℓ / 2, and every logged value is the mean over those micro-batches.
+    # Lightning clips after on_before_optimizer_step, so the probe records the unclipped sum over the two
+    # micro-batches of δ'(ℓ)·∇ℓ / 2. Every logged value is the mean over those micro-batches.
     assert len(probe.grads) == 2
     assert len(probe.backward_values) == 4
     assert logged["effective-lr-SGD"][1] == pytest.approx(0.04 * logged["vdm/derivative"][1], rel=1e-6)

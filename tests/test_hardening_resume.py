@@ -153,8 +153,8 @@ def test_resume_at_epoch_end_reshuffles(tmp_path, loader, at_epoch_end):
     )
 
     # Neither a plain DataLoader nor a StatefulDataLoader restored after its epoch ended (torchdata 0.11) carries
-    # the sampler's generator into the next epoch, so the resumed second epoch draws the first epoch's
-    # permutation again: the step count and the first epoch agree, the second epoch's batches do not.
+    # the sampler's generator into the next epoch, so the resumed second epoch draws the first epoch's permutation
+    # again. The step count and the first epoch agree, and the second epoch's batches do not.
     assert parts[1].global_step == straight.global_step == 8
     expected, actual = _read_csv(straight), _merged(parts)
     assert all(actual["vdm/derivative"][step] == expected["vdm/derivative"][step] for step in range(4))
@@ -183,8 +183,8 @@ def test_resume_mid_epoch_stateful_loader_is_exact(tmp_path):
 def test_resume_mid_epoch_plain_loader_replays_batches(tmp_path):
     straight, straight_model, parts, resumed_model = _straight_and_resumed(tmp_path, 6, "sequential")
 
-    # Global step, logged steps and the first six steps agree; the plain DataLoader restarts the epoch's
-    # iterator, so steps 6 and 7 train on the epoch's first two batches again and the weights differ.
+    # Global step, logged steps and the first six steps agree. The plain DataLoader restarts the epoch's iterator,
+    # so steps 6 and 7 train on the epoch's first two batches again and the weights differ.
     assert parts[1].global_step == straight.global_step == 8
     expected, actual = _read_csv(straight), _merged(parts)
     assert sorted(actual["vdm/derivative"]) == sorted(expected["vdm/derivative"])

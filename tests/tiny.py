@@ -21,7 +21,7 @@ def regression_data(num: int = 32, features: int = 3, seed: int = 0, dtype: torc
 
 
 class RegressionData(LightningDataModule):
-    """A fixed regression set; batches come in order so every run sees the same ones."""
+    """A fixed regression set whose batches come in order, so every run trains on the same ones."""
 
     def __init__(self, num: int = 32, features: int = 3, batch_size: int = 8, dtype: str = "float32") -> None:
         super().__init__()

@@ -2,7 +2,7 @@
 
 A monitor collects the records that ``VDMMixin`` keeps for each training batch, without reading them on the host.
 In ``"step"`` mode it logs the mean over the micro-batches of one optimizer step, on the steps where Lightning's own
-``self.log`` would log (every ``log_every_n_steps``); in ``"epoch"`` mode it logs the mean, minimum and maximum over
+``self.log`` would log (every ``log_every_n_steps``). In ``"epoch"`` mode it logs the mean, minimum and maximum over
 the epoch's batches at the end of the epoch. Only those logging points read values on the host and reduce them across
 processes.
 """
@@ -143,10 +143,10 @@ class _VDMMonitor(Callback):
             gathered = trainer.strategy.all_gather(local).reshape(trainer.world_size, len(names))
             reduced = gathered.mean(dim=0)
             for index, name in enumerate(names):
-                for suffix, how in (reductions or {}).items():
+                for suffix, reduction in (reductions or {}).items():
                     if name.endswith(suffix):
                         column = gathered[:, index]
-                        reduced[index] = column.min() if how == "min" else column.max()
+                        reduced[index] = column.min() if reduction == "min" else column.max()
             local = reduced
         values = local.tolist()
 

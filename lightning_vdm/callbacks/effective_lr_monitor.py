@@ -37,8 +37,8 @@ class EffectiveLearningRateMonitor(_VDMMonitor):
 
     With plain or momentum SGD, deforming the loss by δ multiplies the gradient, and so the step, by δ'(ℓ): the
     optimizer behaves as if its learning rate were lr × δ'(ℓ). Keys follow Lightning's ``LearningRateMonitor``:
-    ``lr-<Optimizer>`` and ``effective-lr-<Optimizer>``; a second optimizer of the same class gets ``-1``, ``-2``, …;
-    an optimizer with several parameter groups gets ``/pg1``, ``/pg2``, … or ``/<name>`` for a group that has a
+    ``lr-<Optimizer>`` and ``effective-lr-<Optimizer>``. A second optimizer of the same class gets ``-1``, ``-2``, ….
+    An optimizer with several parameter groups gets ``/pg1``, ``/pg2``, … or ``/<name>`` for a group that has a
     ``"name"`` entry. The learning rate is the one the step used, read before the optimizer step and its scheduler.
 
     .. warning:: Adaptive optimizers (Adam, AdamW, RMSprop, Adagrad, …) divide the gradient by a running estimate of
