@@ -120,6 +120,10 @@ def _validate_coefficient(family: str, name: str, value: object, accepted: str, 
     return number + 0.0
 
 
+_UNDEFINED = (math.nan, math.nan)
+"""What :meth:`VerticalDeformation.value_and_derivative` returns outside the domain."""
+
+
 class VerticalDeformation(abc.ABC):
     """Base class of a vertical deformation mapping δ applied elementwise to a loss tensor.
 
@@ -192,6 +196,19 @@ class VerticalDeformation(abc.ABC):
         if gradient is None:
             return torch.zeros_like(leaf).detach()
         return gradient
+
+    def value_and_derivative(self, loss: float) -> tuple[float, float] | None:
+        """Return δ(ℓ) and δ'(ℓ) of one Python float, computed in float64 on the host, or ``None``.
+
+        ``VDMMixin`` uses this for a loss on the CPU, where reading it costs no synchronisation: two host floats and
+        three scalar tensor operations replace the operations and autograd nodes of :meth:`forward`. The built-in
+        families implement it with :mod:`math`. The base class returns ``None``, and the mixin then differentiates
+        :meth:`forward`. A subclass that implements it must return NaN for both values outside the domain.
+
+        Args:
+            loss: The loss value.
+        """
+        return None
 
     def in_domain(self, loss: Tensor) -> Tensor:
         """Return a boolean tensor that is True where the loss is finite and inside the domain.
@@ -368,6 +385,21 @@ class ArctanPower(VerticalDeformation):
         """Compute a1·arctan(a2·ℓ)^a3 + a4·ℓ without checks."""
         return self.a1 * torch.atan(self.a2 * loss).pow(self.a3) + self.a4 * loss
 
+    def value_and_derivative(self, loss: float) -> tuple[float, float]:
+        """Return δ(ℓ) and δ'(ℓ) in float64, or NaN for both outside the domain (see the base class)."""
+        if not math.isfinite(loss) or (loss <= 0.0 if self.a3 < 1 else loss < 0.0):
+            return _UNDEFINED
+        scaled = self.a2 * loss
+        angle = math.atan(scaled)
+        try:
+            value = self.a1 * angle**self.a3 + self.a4 * loss
+            slope = (self.a1 * self.a3 * self.a2) / (1.0 + scaled * scaled)
+            if self.a3 != 1.0:
+                slope *= angle ** (self.a3 - 1.0)
+        except OverflowError:
+            return math.inf, math.inf
+        return value, slope + self.a4
+
     def closed_form_derivative(self, loss: Tensor) -> Tensor:
         """Compute a1·a3·a2·arctan(a2·ℓ)^(a3−1) / (1 + (a2·ℓ)²) + a4 without checks."""
         scaled = self.a2 * loss
@@ -449,6 +481,13 @@ class LogExp(VerticalDeformation):
         value = loss + torch.log(self._one_minus_shift(loss))
         return value if self.e1 == 1.0 else self.e1 * value
 
+    def value_and_derivative(self, loss: float) -> tuple[float, float]:
+        """Return δ(ℓ) and δ'(ℓ) in float64, or NaN for both outside the domain (see the base class)."""
+        if not (math.isfinite(loss) and loss > self._log_e2):
+            return _UNDEFINED
+        one_minus_shift = -math.expm1(self._log_e2 - loss)
+        return self.e1 * (loss + math.log(one_minus_shift)), self.e1 / one_minus_shift
+
     def closed_form_derivative(self, loss: Tensor) -> Tensor:
         """Compute e1·exp(ℓ) / (exp(ℓ) − e2) without checks."""
         return self.e1 / self._one_minus_shift(loss)
@@ -510,6 +549,17 @@ class Power(VerticalDeformation):
         """Compute scale·ℓ^exponent without checks."""
         return self.scale * loss.pow(self.exponent)
 
+    def value_and_derivative(self, loss: float) -> tuple[float, float]:
+        """Return δ(ℓ) and δ'(ℓ) in float64, or NaN for both outside the domain (see the base class)."""
+        if not math.isfinite(loss) or (loss <= 0.0 if self.exponent < 1 else loss < 0.0):
+            return _UNDEFINED
+        try:
+            value = self.scale * loss**self.exponent
+            slope = self.scale if self.exponent == 1.0 else self.scale * self.exponent * loss ** (self.exponent - 1.0)
+        except OverflowError:
+            return math.inf, math.inf
+        return value, slope
+
     def closed_form_derivative(self, loss: Tensor) -> Tensor:
         """Compute scale·exponent·ℓ^(exponent−1) without checks."""
         if self.exponent == 1.0:
@@ -525,6 +575,10 @@ class Identity(VerticalDeformation):
     def forward(self, loss: Tensor) -> Tensor:
         """Return the loss unchanged."""
         return loss
+
+    def value_and_derivative(self, loss: float) -> tuple[float, float]:
+        """Return ℓ and 1, or NaN for both when the loss is not finite."""
+        return (loss, 1.0) if math.isfinite(loss) else _UNDEFINED
 
     def closed_form_derivative(self, loss: Tensor) -> Tensor:
         """Return ones shaped like the loss."""

@@ -14,11 +14,18 @@ the gradient becomes δ'(ℓ)·∇ℓ:
 For the latest training batch the mixin keeps the raw loss, the deformed loss and the loss at which δ' was taken,
 as detached tensors and without a host synchronisation. The monitors in :mod:`lightning_vdm.callbacks` read them.
 
-Domain and non-finite losses. A loss outside the deformation's domain, NaN or Inf, cannot be deformed. To avoid a
-host synchronisation on every step, the mixin collects the detached raw losses and checks them together: every
-``log_every_n_steps`` steps, at the end of every epoch, before every checkpoint is written, and at the end of
-training, on the CPU as on an accelerator. The error names the global step and the loss value. Training may run up
-to ``log_every_n_steps - 1`` steps past the bad one before the error, but no checkpoint is written after it.
+Two ways to deform. A loss on an accelerator goes through ``deformation.forward``, and autograd differentiates it.
+A loss on the CPU, where reading it costs no synchronisation, is read once: the built-in families compute δ(ℓ) and
+δ'(ℓ) in float64 on the host (:meth:`~lightning_vdm.deformations.VerticalDeformation.value_and_derivative`), and
+the mixin returns δ'(ℓ)·ℓ + (δ(ℓ) − δ'(ℓ)·ℓ), two scalar operations instead of five or more. Both give the gradient
+δ'(ℓ)·∇ℓ. A deformation of the user's own without ``value_and_derivative`` takes the first way on the CPU too.
+
+Domain and non-finite losses. A loss outside the deformation's domain, NaN or Inf, cannot be deformed. On the CPU
+with a built-in family the error comes at the bad step. Otherwise, to avoid a host synchronisation on every step,
+the mixin collects the detached raw losses and checks them together: every ``log_every_n_steps`` steps, at the end
+of every epoch, before every checkpoint is written, and at the end of training. The error names the global step and
+the loss value. On an accelerator, training may run up to ``log_every_n_steps - 1`` steps past the bad one before
+the error, but no checkpoint is written after it.
 
 With ``nonfinite_loss="skip"`` a NaN or Inf loss instead makes the step a no-op (Lightning skips backward and the
 optimizer step when ``training_step`` returns ``None``). That mode reads the loss on every step, which is one host
@@ -28,6 +35,7 @@ synchronisation per step on an accelerator.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -47,6 +55,9 @@ log = logging.getLogger(__name__)
 
 _NONFINITE_POLICIES = ("error", "skip")
 _DERIVATIVE_POINTS = ("local", "global_mean")
+# Bound on the terms of the CPU path in float32, well below the largest float32 (3.4e38), so neither they nor
+# their sum overflow; larger values take the tensor path.
+_FLOAT32_SAFE = 1e37
 
 
 class DeformationMismatchError(ValueError):
@@ -62,6 +73,22 @@ class VDMRecord(NamedTuple):
     """The value that went into backward (before that division), δ(ℓ)."""
     derivative_at: Tensor
     """The loss at which δ' was evaluated: ``raw``, or the mean over processes with ``derivative_at="global_mean"``."""
+
+
+class _StepState:
+    """The mixin's per-step bookkeeping.
+
+    It lives in a plain object because assigning an attribute of an ``nn.Module`` goes through
+    ``Module.__setattr__``, which costs microseconds, and these fields change on every step.
+    """
+
+    __slots__ = ("records", "records_batch", "pending", "step_ran")
+
+    def __init__(self) -> None:
+        self.records: list[VDMRecord] = []
+        self.records_batch = -1
+        self.pending: list[tuple[int, Tensor]] = []
+        self.step_ran = False
 
 
 class VDMMixin:
@@ -121,10 +148,7 @@ class VDMMixin:
         self.nonfinite_loss = nonfinite_loss
         self.derivative_at = derivative_at
         self.vdm_skipped_steps = 0
-        self._vdm_records: list[VDMRecord] = []
-        self._vdm_records_batch = -1
-        self._vdm_pending: list[tuple[int, Tensor]] = []
-        self._vdm_step_ran = False
+        self._vdm_state = _StepState()
         self.save_hyperparameters(
             {
                 "deformation": _deformation_hparam(resolved),
@@ -137,7 +161,7 @@ class VDMMixin:
     # The training path
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        self._vdm_step_ran = True
+        self._vdm_state.step_ran = True
         output = super().training_step(*args, **kwargs)
         if not self.automatic_optimization or output is None:
             # Manual optimization deforms inside `manual_backward`. A `None` output makes Lightning skip the step.
@@ -185,19 +209,51 @@ class VDMMixin:
                 self.vdm_skipped_steps,
             )
             return None
-        self._vdm_queue_check(raw)
 
         deformation = self.deformation
+        at = raw
         if deformation is None:
+            self._vdm_queue_check(raw)
             records.append(VDMRecord(raw, raw, raw))
             return loss
         if self.derivative_at == "global_mean" and self._trainer is not None and self._trainer.world_size > 1:
+            self._vdm_queue_check(raw)
             deformed, at = self._vdm_deform_at_global_mean(loss, raw)
+        elif raw.device.type == "cpu" and (on_host := self._vdm_deform_on_host(loss, raw)) is not None:
+            deformed = on_host
         else:
+            self._vdm_queue_check(raw)
             deformed = deformation.forward(promote_loss(loss))
-            at = raw
         records.append(VDMRecord(raw, deformed.detach(), at))
         return deformed
+
+    def _vdm_deform_on_host(self, loss: Tensor, raw: Tensor) -> Tensor | None:
+        """Deform a CPU loss with the deformation's float formulas; ``None`` when it has none.
+
+        Reading a CPU tensor costs no synchronisation, and two scalar operations replace the five or more of
+        ``deformation.forward`` and their autograd nodes, each of which costs microseconds (benchmarks/overhead.py).
+        A loss outside the domain, NaN or Inf raises here, at its own step, with the error of
+        :meth:`vdm_check_losses`.
+        """
+        loss = promote_loss(loss)
+        value = loss.item()
+        pair = self.deformation.value_and_derivative(value)
+        if pair is None:
+            return None
+        deformed_value, slope = pair
+        if not (math.isfinite(deformed_value) and math.isfinite(slope)):
+            self._vdm_queue_check(raw)
+            self.vdm_check_losses()
+            # The loss is inside the domain but δ or δ' overflows: the tensor path gives the same Inf as on a GPU.
+            return None
+        if slope == 1.0 and deformed_value == value:
+            return loss
+        # δ(ℓ) = δ'(ℓ)·ℓ + (δ(ℓ) − δ'(ℓ)·ℓ): the gradient is δ'(ℓ)·∇ℓ with δ'(ℓ) rounded once to the loss's dtype,
+        # and the value is δ(ℓ) up to the rounding of the two operations.
+        product = slope * value
+        if loss.dtype != torch.float64 and max(abs(product), abs(deformed_value)) > _FLOAT32_SAFE:
+            return None
+        return loss * slope + (deformed_value - product)
 
     def _vdm_deform_at_global_mean(self, loss: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
         """Return a loss whose value is δ(ℓ) and whose gradient is δ'(ℓ̄)·∇ℓ, with ℓ̄ the mean over processes."""
@@ -216,13 +272,14 @@ class VDMMixin:
         trainer = self._trainer
         if trainer is None:
             # Called outside a Trainer (for example in a unit test): nothing to wait for.
-            self._vdm_pending.append((-1, raw))
+            self._vdm_state.pending.append((-1, raw))
             self.vdm_check_losses()
             return
-        self._vdm_pending.append((trainer.global_step, raw))
-        # CPU losses wait too: the check costs about 40 µs of tensor operations per call (benchmarks/overhead.py),
-        # which a batched check every `log_every_n_steps` steps amortises.
-        if len(self._vdm_pending) >= max(1, trainer.log_every_n_steps):
+        pending = self._vdm_state.pending
+        pending.append((trainer.global_step, raw))
+        # CPU losses that take the tensor path wait too: one check costs tens of µs of tensor operations
+        # (benchmarks/overhead.py), which a batched check every `log_every_n_steps` steps amortises.
+        if len(pending) >= max(1, trainer.log_every_n_steps):
             self.vdm_check_losses()
 
     def vdm_check_losses(self) -> None:
@@ -235,9 +292,10 @@ class VDMMixin:
             FloatingPointError: If a loss is NaN or Inf.
             ValueError: If a finite loss lies outside the deformation's domain.
         """
-        if not self._vdm_pending:
+        state = self._vdm_state
+        if not state.pending:
             return
-        pending, self._vdm_pending = self._vdm_pending, []
+        pending, state.pending = state.pending, []
         if len(pending) == 1:
             losses = promote_loss(pending[0][1]).reshape(1)
         else:
@@ -270,9 +328,10 @@ class VDMMixin:
 
         Empty when the batch deformed nothing, for example when ``training_step`` returned ``None``.
         """
-        if self._vdm_batch_index() != self._vdm_records_batch:
+        state = self._vdm_state
+        if self._vdm_batch_index() != state.records_batch:
             return []
-        return self._vdm_records
+        return state.records
 
     def _vdm_batch_index(self) -> int:
         """Return a number that changes with every training batch, or -1 outside a Trainer."""
@@ -284,11 +343,12 @@ class VDMMixin:
 
     def _vdm_current_records(self) -> list[VDMRecord]:
         """Return the record list of the current batch, starting a new one when the batch changed."""
+        state = self._vdm_state
         batch = self._vdm_batch_index()
-        if batch != self._vdm_records_batch or batch == -1:
-            self._vdm_records = []
-            self._vdm_records_batch = batch
-        return self._vdm_records
+        if batch != state.records_batch or batch == -1:
+            state.records = []
+            state.records_batch = batch
+        return state.records
 
     def vdm_derivative(self, loss: Tensor) -> Tensor:
         """Return δ'(loss) without domain checks; ones when there is no deformation."""
@@ -311,13 +371,13 @@ class VDMMixin:
 
     def on_before_backward(self, loss: Tensor) -> None:
         if self.automatic_optimization:
-            if not self._vdm_step_ran:
+            if not self._vdm_state.step_ran:
                 raise RuntimeError(
                     f"VDMMixin.training_step did not run for this batch, so the loss is not deformed. "
                     f"`{type(self).__name__}.training_step` must call `super().training_step(...)`, or the "
                     "LightningModule must come after VDMMixin in the bases."
                 )
-            self._vdm_step_ran = False
+            self._vdm_state.step_ran = False
         super().on_before_backward(loss)
 
     def on_train_epoch_end(self) -> None:
@@ -335,7 +395,7 @@ class VDMMixin:
 
     def _vdm_check_manual_backward(self) -> None:
         """Raise when an optimizer steps in a batch in which no loss went through ``manual_backward``."""
-        if self._vdm_records_batch == self._vdm_batch_index():
+        if self._vdm_state.records_batch == self._vdm_batch_index():
             return
         raise RuntimeError(
             f"An optimizer stepped at global step {self.trainer.global_step} although no loss of this batch went "

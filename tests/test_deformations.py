@@ -580,6 +580,7 @@ def test_custom_subclass_defaults():
     assert deformation != Identity()
     with pytest.raises(DeformationDomainError, match=r"LogOnePlus\(\) is undefined at loss = nan"):
         deformation(torch.tensor([math.nan]))
+    assert deformation.value_and_derivative(0.5) is None
 
 
 def test_custom_subclass_with_domain():
@@ -834,3 +835,53 @@ def test_parse_number_outside_float64(text):
 
 def test_parse_zero_written_with_exponent_is_zero():
     assert parse_deformation("AP(5, 1, 2, 0.00e-999)") == ArctanPower(5, 1, 2, 0)
+
+
+@pytest.mark.parametrize("deformation", ALL_DEFORMATIONS, ids=repr)
+def test_value_and_derivative_match_float64_tensors(deformation):
+    for loss in _loss_grid(deformation).tolist():
+        value, slope = deformation.value_and_derivative(loss)
+        point = torch.tensor(loss, dtype=torch.float64)
+        assert value == pytest.approx(deformation.forward(point).item(), rel=1e-13, abs=1e-300), loss
+        assert slope == pytest.approx(deformation.closed_form_derivative(point).item(), rel=1e-13), loss
+
+
+@pytest.mark.parametrize("deformation", PAPER_DEFORMATIONS, ids=repr)
+def test_value_and_derivative_match_textbook(deformation):
+    # Away from the LE bound, where the printed formula loses digits to cancellation.
+    bound = _lower_bound(deformation)
+    for loss in [0.05, 0.3, 1.0, 2.3, 7.0]:
+        if bound is not None and loss <= bound[0] + 0.01:
+            continue
+        value, slope = deformation.value_and_derivative(loss)
+        point = torch.tensor(loss, dtype=torch.float64)
+        assert value == pytest.approx(_textbook_value(deformation, loss), rel=1e-11)
+        assert slope == pytest.approx(_autograd_derivative(lambda x: _textbook_torch(deformation, x), point).item(), rel=1e-11)
+
+
+@pytest.mark.parametrize(
+    "deformation, outside",
+    [
+        (LogExp(1, 0.99), [math.log(0.99), -1.0]),
+        (LogExp(1, 1.9), [0.5, math.log(1.9)]),
+        (ArctanPower(2, 1, 2, 1), [-1e-9]),
+        (ArctanPower(2, 3, 0.5, 0.25), [0.0, -1.0]),
+        (Power(0.5, 2), [-0.1]),
+        (Power(2, 0.5), [0.0]),
+        (Identity(), []),
+    ],
+    ids=repr,
+)
+def test_value_and_derivative_undefined_outside_domain(deformation, outside):
+    for loss in outside + [math.nan, math.inf, -math.inf]:
+        value, slope = deformation.value_and_derivative(loss)
+        assert math.isnan(value) and math.isnan(slope), loss
+
+
+@pytest.mark.parametrize(
+    "deformation, loss", [(ArctanPower(1, 1, 2000, 0), 1e3), (Power(1, 3), 1e200)], ids=["AP", "Power"]
+)
+def test_value_and_derivative_overflow_is_infinite(deformation, loss):
+    # Python's ** raises OverflowError where torch gives inf; the method gives inf too.
+    assert deformation.value_and_derivative(loss) == (math.inf, math.inf)
+    assert torch.isinf(deformation.forward(torch.tensor(loss, dtype=torch.float64)))

@@ -28,7 +28,7 @@ def test_benchmark_prints_ratios(overhead, capsys):
 
     summary = summaries[0]
     assert set(summary["ratio_vs_plain"]) == set(overhead.VARIANTS)
-    assert set(overhead.VARIANTS) == {"plain", "plain_2_callbacks", "identity", "le", "le_monitors", "raw"}
+    assert set(overhead.VARIANTS) == {"plain", "plain_2_callbacks", "identity", "le", "le_autograd", "le_monitors", "raw"}
     assert summary["ratio_vs_plain"]["plain"] == 1.0
     assert all(ratio > 0 for ratio in summary["ratio_vs_plain"].values())
     # With Identity the Lightning module trains exactly as the hand-written loop.
@@ -37,6 +37,32 @@ def test_benchmark_prints_ratios(overhead, capsys):
         assert f"| {variant} |" in printed
     assert "match to five decimals" in printed
     assert "Lightning calling two callbacks" in printed
+    assert summary["added_us_vs_plain"]["plain"] == 0.0
+
+
+def _graph_node_names(tensor):
+    names, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node.name() not in names:
+            names.add(node.name())
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_autograd_variant_takes_the_tensor_path(overhead):
+    # `le_autograd` builds LE's autograd graph on the CPU; `le` takes the host path, whose graph has no expm1.
+    setting = overhead.Setting("mlp", batch_size=8, steps=1, warmup=0, device="cpu")
+    inputs, targets = next(iter(overhead.build_loader(setting)))
+    reference = overhead.LogExp(1, 0.99)
+    has_expm1 = {}
+    for variant in ("le", "le_autograd"):
+        module = overhead.build_module(variant, setting)
+        deformed = module._vdm_deform(overhead.F.cross_entropy(module(inputs), targets))
+        has_expm1[variant] = "Expm1Backward0" in _graph_node_names(deformed)
+        expected = reference.forward(module.vdm_records[0].raw.double()).item()
+        assert deformed.item() == pytest.approx(expected, rel=1e-6)
+    assert has_expm1 == {"le": False, "le_autograd": True}
 
 
 def test_sync_guard_skips_logging_steps(overhead):

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_vdm import ArctanPower, LogExp, Power, VDMMixin, parse_deformation
-from tests.tiny import DeformedRegression, RegressionData, TinyRegression, regression_data
+from tests.tiny import DeformedRegression, RegressionData, ScaledSquareRoot, TinyRegression, regression_data
 
 
 def _trainer(tmp_path, **kwargs) -> Trainer:
@@ -317,3 +317,82 @@ def test_positional_arguments_pass_through():
     assert model.hparams.features == 5
     assert model.hparams.output == "dict"
     assert model.deformation == LogExp(1, 0.99)
+
+
+
+def _quadratic_loss(weights: torch.Tensor) -> torch.Tensor:
+    return (weights * torch.tensor([1.0, 0.5, 2.0], dtype=weights.dtype)).square().sum() + 0.7
+
+
+@pytest.mark.parametrize("notation", PAPER_DEFORMATIONS + ["AP(2, 3, 0.5, 0.25)", "LE(2.5, 0.01)"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_cpu_loss_value_and_gradient(notation, dtype):
+    # A CPU loss is deformed with the family's float64 formulas: the value is δ(ℓ) and the gradient δ'(ℓ)·∇ℓ.
+    deformation = parse_deformation(notation)
+    model = DeformedRegression(deformation=deformation)
+    weights = torch.tensor([0.3, -1.2, 0.8], dtype=dtype, requires_grad=True)
+    loss = _quadratic_loss(weights)
+
+    deformed = model._vdm_deform(loss)
+    (gradient,) = torch.autograd.grad(deformed, weights)
+
+    working = torch.float64 if dtype == torch.float64 else torch.float32
+    assert deformed.dtype == working
+    point = torch.tensor(loss.item(), dtype=torch.float64)
+    value, slope = deformation.forward(point).item(), deformation.closed_form_derivative(point).item()
+    # Two roundings of terms no larger than |δ'(ℓ)·ℓ| + |δ(ℓ)|, in the working dtype.
+    bound = 2 * torch.finfo(working).eps * (abs(slope * loss.item()) + abs(value))
+    assert abs(deformed.item() - value) <= bound
+    assert model.vdm_records[0].deformed.item() == deformed.item()
+
+    # Independent float64 reference: autograd's ∇ℓ at the same weights, times the closed-form δ'(ℓ).
+    reference = weights.detach().double().requires_grad_(True)
+    (loss_gradient,) = torch.autograd.grad(_quadratic_loss(reference), reference)
+    expected = deformation.closed_form_derivative(point) * loss_gradient
+    tolerance = {torch.float64: 1e-13, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(gradient.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_cpu_loss_of_custom_deformation_uses_autograd():
+    # ScaledSquareRoot defines only `forward`, so the mixin differentiates it: the graph holds its sqrt node.
+    model = DeformedRegression(deformation=ScaledSquareRoot(3.0))
+    weights = torch.tensor([0.3, -1.2, 0.8], requires_grad=True)
+    loss = _quadratic_loss(weights)
+    deformed = model._vdm_deform(loss)
+    (gradient,) = torch.autograd.grad(deformed, weights)
+    (loss_gradient,) = torch.autograd.grad(_quadratic_loss(weights), weights)
+    assert deformed.item() == pytest.approx(3.0 * math.sqrt(loss.item() + 1.0), rel=1e-6)
+    torch.testing.assert_close(gradient, 1.5 / math.sqrt(loss.item() + 1.0) * loss_gradient)
+
+
+def test_cpu_overflow_inside_domain_gives_inf():
+    # ℓ³ overflows float64 at ℓ = 1e200, inside Power's domain: no domain error, and δ is Inf as on a GPU.
+    model = DeformedRegression(deformation=Power(1, 3))
+    loss = torch.tensor(1e200, dtype=torch.float64, requires_grad=True)
+    assert torch.isinf(model._vdm_deform(loss))
+
+
+def test_cpu_float32_overflow_keeps_finite_gradient():
+    # δ(1e13) = 1e39 overflows float32 but δ'(1e13) = 3e26 does not: the value is Inf, the gradient finite.
+    model = DeformedRegression(deformation=Power(1, 3))
+    loss = torch.tensor(1e13, requires_grad=True)
+    deformed = model._vdm_deform(loss)
+    deformed.backward()
+    assert torch.isinf(deformed)
+    assert loss.grad.item() == pytest.approx(3e26, rel=1e-6)
+
+
+def test_cpu_loss_outside_domain_raises_at_its_step(tmp_path):
+    # On the CPU the mixin reads the loss anyway, so the error comes at the bad step, not at the next batched check.
+    steps = []
+
+    class Breaks(DeformedRegression):
+        def training_step(self, batch, batch_idx):
+            steps.append(self.global_step)
+            self.hparams.offset = -100.0 if self.global_step == 3 else 1.0
+            return super().training_step(batch, batch_idx)
+
+    model = Breaks(deformation="LE(1, 1.9)")
+    with pytest.raises(ValueError, match=r"loss -9\d\.\d+ at global step 3 lies outside the domain of LE\(1, 1\.9\)"):
+        _trainer(tmp_path, max_steps=20, max_epochs=20, log_every_n_steps=50).fit(model, RegressionData())
+    assert steps == [0, 1, 2, 3]
