@@ -121,7 +121,7 @@ def _validate_coefficient(family: str, name: str, value: object, accepted: str, 
 
 
 _UNDEFINED = (math.nan, math.nan)
-"""What :meth:`VerticalDeformation.value_and_derivative` returns outside the domain."""
+"""The pair :meth:`VerticalDeformation.value_and_derivative` returns outside the domain."""
 
 
 class VerticalDeformation(abc.ABC):
@@ -201,7 +201,7 @@ class VerticalDeformation(abc.ABC):
         """Return δ(ℓ) and δ'(ℓ) of one Python float, computed in float64 on the host, or ``None``.
 
         ``VDMMixin`` uses this for a loss on the CPU, where reading it costs no synchronisation: two host floats and
-        three scalar tensor operations replace the operations and autograd nodes of :meth:`forward`. The built-in
+        two scalar tensor operations replace the operations and autograd nodes of :meth:`forward`. The built-in
         families implement it with :mod:`math`. The base class returns ``None``, and the mixin then differentiates
         :meth:`forward`. A subclass that implements it must return NaN for both values outside the domain.
 

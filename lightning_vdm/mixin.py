@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 
 _NONFINITE_POLICIES = ("error", "skip")
 _DERIVATIVE_POINTS = ("local", "global_mean")
-# Bound on the terms of the CPU path in float32, well below the largest float32 (3.4e38), so neither they nor
-# their sum overflow; larger values take the tensor path.
+# Bound on the terms of the CPU path in float32, well below the largest float32 (3.4e38), so that neither they nor
+# their sum overflow. Larger values take the tensor path.
 _FLOAT32_SAFE = 1e37
 
 

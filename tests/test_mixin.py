@@ -354,11 +354,12 @@ def test_cpu_loss_value_and_gradient(notation, dtype):
 
 
 def test_cpu_loss_of_custom_deformation_uses_autograd():
-    # ScaledSquareRoot defines only `forward`, so the mixin differentiates it: the graph holds its sqrt node.
+    # ScaledSquareRoot defines only `forward`, so the mixin differentiates it with autograd, sqrt node included.
     model = DeformedRegression(deformation=ScaledSquareRoot(3.0))
     weights = torch.tensor([0.3, -1.2, 0.8], requires_grad=True)
     loss = _quadratic_loss(weights)
     deformed = model._vdm_deform(loss)
+    assert deformed.grad_fn.next_functions[0][0].name() == "SqrtBackward0"
     (gradient,) = torch.autograd.grad(deformed, weights)
     (loss_gradient,) = torch.autograd.grad(_quadratic_loss(weights), weights)
     assert deformed.item() == pytest.approx(3.0 * math.sqrt(loss.item() + 1.0), rel=1e-6)
