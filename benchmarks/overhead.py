@@ -7,7 +7,7 @@ Seven variants train the same network on the same batches with SGD (Nesterov mom
   calling the hooks of two callbacks on every step;
 - ``identity``: :class:`~lightning_vdm.models.ImageClassifier` with ``Identity()``;
 - ``le``: ``ImageClassifier`` with ``LE(1, 0.99)``; on the CPU the mixin evaluates δ and δ' on the host and adds
-  two scalar operations;
+  three scalar operations;
 - ``le_autograd``: ``le`` through ``LogExp.forward`` and autograd, the mixin's path for a loss on an accelerator,
   run here on the CPU to show what the host path saves;
 - ``le_monitors``: ``le`` with ``DeformationMonitor`` and ``EffectiveLearningRateMonitor``;

@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import functools
 import math
 import numbers
 import re
@@ -49,6 +50,7 @@ __all__ = [
     "Power",
     "VerticalDeformation",
     "as_deformation",
+    "host_formulas_apply",
     "parse_deformation",
     "promote_loss",
 ]
@@ -121,6 +123,7 @@ def _validate_coefficient(family: str, name: str, value: object, accepted: str, 
 
 
 _UNDEFINED = (math.nan, math.nan)
+_HOST_CONSISTENT_METHODS = ("forward", "closed_form_derivative", "in_domain")
 """The pair :meth:`VerticalDeformation.value_and_derivative` returns outside the domain."""
 
 
@@ -201,9 +204,15 @@ class VerticalDeformation(abc.ABC):
         """Return δ(ℓ) and δ'(ℓ) of one Python float, computed in float64 on the host, or ``None``.
 
         ``VDMMixin`` uses this for a loss on the CPU, where reading it costs no synchronisation: two host floats and
-        two scalar tensor operations replace the operations and autograd nodes of :meth:`forward`. The built-in
+        three scalar tensor operations replace the operations and autograd nodes of :meth:`forward`. The built-in
         families implement it with :mod:`math`. The base class returns ``None``, and the mixin then differentiates
-        :meth:`forward`. A subclass that implements it must return NaN for both values outside the domain.
+        :meth:`forward`. A subclass that implements it must return NaN for both values outside the domain, and the
+        domain is decided in float64 here, so a float32 loss within one rounding of the bound may pass here and fail
+        :meth:`in_domain`.
+
+        The mixin ignores it when a subclass overrides :meth:`forward`, :meth:`closed_form_derivative` or
+        :meth:`in_domain` below the class that defines it (see :func:`host_formulas_apply`), so a subclass of a
+        built-in family that changes δ trains through :meth:`forward` until it defines this method too.
 
         Args:
             loss: The loss value.
@@ -310,6 +319,29 @@ class VerticalDeformation(abc.ABC):
 
     def __hash__(self) -> int:
         return hash((type(self), self.coefficients))
+
+
+def host_formulas_apply(deformation: VerticalDeformation) -> bool:
+    """Return whether ``deformation.value_and_derivative`` describes the same δ as its :meth:`forward`.
+
+    True when the class that defines ``value_and_derivative`` is not the base class and is, or derives from, every
+    class that defines ``forward``, ``closed_form_derivative`` and ``in_domain``.
+
+    Args:
+        deformation: The deformation to check.
+    """
+    return _host_formulas_apply(type(deformation))
+
+
+@functools.cache
+def _host_formulas_apply(cls: type[VerticalDeformation]) -> bool:
+    def owner(name: str) -> type:
+        return next(base for base in cls.__mro__ if name in vars(base))
+
+    host = owner("value_and_derivative")
+    if host is VerticalDeformation:
+        return False
+    return all(issubclass(host, owner(name)) for name in _HOST_CONSISTENT_METHODS)
 
 
 class ArctanPower(VerticalDeformation):

@@ -17,8 +17,8 @@ as detached tensors and without a host synchronisation. The monitors in :mod:`li
 Two ways to deform. A loss on an accelerator goes through ``deformation.forward``, and autograd differentiates it.
 A loss on the CPU, where reading it costs no synchronisation, is read once: the built-in families compute δ(ℓ) and
 δ'(ℓ) in float64 on the host (:meth:`~lightning_vdm.deformations.VerticalDeformation.value_and_derivative`), and
-the mixin returns δ'(ℓ)·ℓ + (δ(ℓ) − δ'(ℓ)·ℓ), two scalar operations instead of five or more. Both give the gradient
-δ'(ℓ)·∇ℓ. A deformation of the user's own without ``value_and_derivative`` takes the first way on the CPU too.
+the mixin returns (ℓ − ℓ)·δ'(ℓ) + δ(ℓ), whose first term is exactly zero but carries ℓ's graph: three scalar
+operations instead of five or more. Both give the gradient δ'(ℓ)·∇ℓ. A deformation of the user's own without ``value_and_derivative`` takes the first way on the CPU too.
 
 Domain and non-finite losses. A loss outside the deformation's domain, NaN or Inf, cannot be deformed. On the CPU
 with a built-in family the error comes at the bad step. Otherwise, to avoid a host synchronisation on every step,
@@ -45,6 +45,7 @@ from torch import Tensor
 from lightning_vdm.deformations import (
     VerticalDeformation,
     as_deformation,
+    host_formulas_apply,
     parse_deformation,
     promote_loss,
 )
@@ -55,9 +56,7 @@ log = logging.getLogger(__name__)
 
 _NONFINITE_POLICIES = ("error", "skip")
 _DERIVATIVE_POINTS = ("local", "global_mean")
-# Bound on the terms of the CPU path in float32, well below the largest float32 (3.4e38), so that neither they nor
-# their sum overflow. Larger values take the tensor path.
-_FLOAT32_SAFE = 1e37
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class DeformationMismatchError(ValueError):
@@ -230,17 +229,20 @@ class VDMMixin:
     def _vdm_deform_on_host(self, loss: Tensor, raw: Tensor) -> Tensor | None:
         """Deform a CPU loss with the deformation's float formulas; ``None`` when it has none.
 
-        Reading a CPU tensor costs no synchronisation, and two scalar operations replace the five or more of
+        Reading a CPU tensor costs no synchronisation, and three scalar operations replace the five or more of
         ``deformation.forward`` and their autograd nodes, each of which costs microseconds (benchmarks/overhead.py).
         A loss outside the domain, NaN or Inf raises here, at its own step, with the error of
         :meth:`vdm_check_losses`.
         """
+        deformation = self.deformation
+        if not host_formulas_apply(deformation):
+            return None
         loss = promote_loss(loss)
         value = loss.item()
-        pair = self.deformation.value_and_derivative(value)
+        pair = deformation.value_and_derivative(value)
         if pair is None:
             return None
-        deformed_value, slope = pair
+        deformed_value, slope = _as_value_pair(deformation, value, pair)
         if not (math.isfinite(deformed_value) and math.isfinite(slope)):
             self._vdm_queue_check(raw)
             self.vdm_check_losses()
@@ -248,12 +250,12 @@ class VDMMixin:
             return None
         if slope == 1.0 and deformed_value == value:
             return loss
-        # δ(ℓ) = δ'(ℓ)·ℓ + (δ(ℓ) − δ'(ℓ)·ℓ): the gradient is δ'(ℓ)·∇ℓ with δ'(ℓ) rounded once to the loss's dtype,
-        # and the value is δ(ℓ) up to the rounding of the two operations.
-        product = slope * value
-        if loss.dtype != torch.float64 and max(abs(product), abs(deformed_value)) > _FLOAT32_SAFE:
+        if loss.dtype != torch.float64 and abs(slope) > _FLOAT32_MAX:
+            # δ' would round to Inf in float32, and 0·Inf is NaN: the tensor path keeps δ finite.
             return None
-        return loss * slope + (deformed_value - product)
+        # `loss - value` is exactly zero and carries the loss's graph, so the result is δ(ℓ) rounded once to the
+        # loss's dtype, and its gradient is δ'(ℓ)·∇ℓ with δ'(ℓ) rounded once.
+        return (loss - value) * slope + deformed_value
 
     def _vdm_deform_at_global_mean(self, loss: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
         """Return a loss whose value is δ(ℓ) and whose gradient is δ'(ℓ̄)·∇ℓ, with ℓ̄ the mean over processes."""
@@ -315,7 +317,7 @@ class VDMMixin:
                 "to skip such steps instead."
             )
         raise ValueError(
-            f"The training loss {value:.6g} at global step {step} lies outside the domain of {deformation!r} "
+            f"The training loss {value:.9g} at global step {step} lies outside the domain of {deformation!r} "
             f"({deformation.domain}). Choose a deformation whose domain contains every training loss."
         )
 
@@ -351,8 +353,14 @@ class VDMMixin:
         return state.records
 
     def vdm_derivative(self, loss: Tensor) -> Tensor:
-        """Return δ'(loss) without domain checks; ones when there is no deformation."""
+        """Return δ'(loss) in float64 without domain checks; ones when there is no deformation.
+
+        float64 gives the slope that the CPU path applied, also within a float32 rounding of the domain's bound, where
+        float32 arithmetic loses it. MPS has no float64, so there it is float32.
+        """
         loss = promote_loss(loss)
+        if loss.device.type != "mps":
+            loss = loss.double()
         if self.deformation is None:
             return torch.ones_like(loss)
         return self.deformation.closed_form_derivative(loss)
@@ -422,6 +430,18 @@ class VDMMixin:
             _check_same_deformation(state, checkpoint.get("hyper_parameters", {}), self)
         self.vdm_skipped_steps = state.get("skipped_steps", 0)
         super().on_load_checkpoint(checkpoint)
+
+
+def _as_value_pair(deformation: VerticalDeformation, loss: float, pair: Any) -> tuple[float, float]:
+    """Return ``value_and_derivative``'s result as two floats, or raise a TypeError that names the deformation."""
+    try:
+        value, slope = (float(number) for number in pair)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(
+            f"{type(deformation).__name__}.value_and_derivative({loss!r}) must return two real numbers (δ(ℓ), δ'(ℓ)) "
+            f"or None, got {pair!r}."
+        ) from error
+    return value, slope
 
 
 def _check_no_positional_deformation(class_name: str, args: tuple[Any, ...]) -> None:

@@ -875,7 +875,8 @@ def test_value_and_derivative_match_textbook(deformation):
 def test_value_and_derivative_undefined_outside_domain(deformation, outside):
     for loss in outside + [math.nan, math.inf, -math.inf]:
         value, slope = deformation.value_and_derivative(loss)
-        assert math.isnan(value) and math.isnan(slope), loss
+        assert math.isnan(value), loss
+        assert math.isnan(slope), loss
 
 
 @pytest.mark.parametrize(
@@ -885,3 +886,22 @@ def test_value_and_derivative_overflow_is_infinite(deformation, loss):
     # Python's ** raises OverflowError where torch gives inf; the method gives inf too.
     assert deformation.value_and_derivative(loss) == (math.inf, math.inf)
     assert torch.isinf(deformation.forward(torch.tensor(loss, dtype=torch.float64)))
+
+
+class _LogOnePlusOnHost(LogOnePlus):
+    def value_and_derivative(self, loss):
+        return math.log1p(loss), 1.0 / (1.0 + loss)
+
+
+class _ShiftedLE(LogExp):
+    def forward(self, loss):
+        return super().forward(loss) + 1.0
+
+
+def test_host_formulas_apply():
+    for deformation in PAPER_DEFORMATIONS:
+        assert deformations_module.host_formulas_apply(deformation), deformation
+    # No host formulas; host formulas beside its own forward; LE's formulas under another forward.
+    assert not deformations_module.host_formulas_apply(LogOnePlus())
+    assert deformations_module.host_formulas_apply(_LogOnePlusOnHost())
+    assert not deformations_module.host_formulas_apply(_ShiftedLE(1, 0.5))

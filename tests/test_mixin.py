@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -327,7 +328,7 @@ def _quadratic_loss(weights: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("notation", PAPER_DEFORMATIONS + ["AP(2, 3, 0.5, 0.25)", "LE(2.5, 0.01)"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_cpu_loss_value_and_gradient(notation, dtype):
-    # A CPU loss is deformed with the family's float64 formulas: the value is δ(ℓ) and the gradient δ'(ℓ)·∇ℓ.
+    # A CPU loss is deformed with the family's float64 formulas: the value is δ(ℓ), the gradient δ'(ℓ)·∇ℓ.
     deformation = parse_deformation(notation)
     model = DeformedRegression(deformation=deformation)
     weights = torch.tensor([0.3, -1.2, 0.8], dtype=dtype, requires_grad=True)
@@ -339,10 +340,8 @@ def test_cpu_loss_value_and_gradient(notation, dtype):
     working = torch.float64 if dtype == torch.float64 else torch.float32
     assert deformed.dtype == working
     point = torch.tensor(loss.item(), dtype=torch.float64)
-    value, slope = deformation.forward(point).item(), deformation.closed_form_derivative(point).item()
-    # Two roundings of terms no larger than |δ'(ℓ)·ℓ| + |δ(ℓ)|, in the working dtype.
-    bound = 2 * torch.finfo(working).eps * (abs(slope * loss.item()) + abs(value))
-    assert abs(deformed.item() - value) <= bound
+    # δ(ℓ) rounded once to the working dtype.
+    assert deformed.item() == pytest.approx(deformation.forward(point).item(), rel=torch.finfo(working).eps, abs=0)
     assert model.vdm_records[0].deformed.item() == deformed.item()
 
     # Independent float64 reference: autograd's ∇ℓ at the same weights, times the closed-form δ'(ℓ).
@@ -397,3 +396,113 @@ def test_cpu_loss_outside_domain_raises_at_its_step(tmp_path):
     with pytest.raises(ValueError, match=r"loss -9\d\.\d+ at global step 3 lies outside the domain of LE\(1, 1\.9\)"):
         _trainer(tmp_path, max_steps=20, max_epochs=20, log_every_n_steps=50).fit(model, RegressionData())
     assert steps == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "notation, loss, expected",
+    [
+        # δ'(ℓ)·ℓ is far larger than δ(ℓ) here, so δ'(ℓ)·ℓ + (δ(ℓ) − δ'(ℓ)·ℓ) in float32 would lose every digit.
+        ("LE(1, 2)", 0.69314718, -19.3858),
+        ("LE(1, 1e30)", 69.077553, None),
+        ("Power(1, 50)", 3.0, 3.0**50),
+    ],
+)
+def test_cpu_value_keeps_digits_when_slope_is_large(notation, loss, expected):
+    deformation = parse_deformation(notation)
+    model = DeformedRegression(deformation=deformation)
+    loss32 = torch.tensor(loss, requires_grad=True)
+    exact = deformation.forward(torch.tensor(loss32.item(), dtype=torch.float64)).item()
+    if expected is not None:
+        assert exact == pytest.approx(expected, rel=1e-5)
+    assert model._vdm_deform(loss32).item() == pytest.approx(exact, rel=torch.finfo(torch.float32).eps)
+
+
+def test_cpu_slope_at_float32_bound_is_logged():
+    # 0.69314718 rounds to the float32 next to ln 2 from above: float64 puts it inside LE(1, 2)'s domain.
+    deformation = LogExp(1, 2)
+    model = DeformedRegression(deformation=deformation)
+    loss = torch.tensor(0.69314718, requires_grad=True)
+    model._vdm_deform(loss).backward()
+    logged = model.vdm_derivative(model.vdm_records[0].derivative_at).item()
+    assert logged == pytest.approx(deformation.value_and_derivative(loss.item())[1], rel=1e-12)
+    assert loss.grad.item() == pytest.approx(logged, rel=1e-7)
+    assert logged > 1e8
+
+
+@pytest.mark.parametrize(
+    "notation, loss, dtype",
+    [("Power(1, 2)", 1e154, torch.float64), ("Power(1, 0.1)", 1.4e-45, torch.float32)],
+    ids=["float64_product", "float32_slope"],
+)
+def test_cpu_extreme_losses_keep_finite_value(notation, loss, dtype):
+    # δ is finite at these losses, although δ'(ℓ)·ℓ overflows float64 or δ'(ℓ) overflows float32.
+    deformation = parse_deformation(notation)
+    model = DeformedRegression(deformation=deformation)
+    loss_tensor = torch.tensor(loss, dtype=dtype, requires_grad=True)
+    expected = deformation.forward(torch.tensor(loss_tensor.item(), dtype=torch.float64)).item()
+    assert model._vdm_deform(loss_tensor).item() == pytest.approx(expected, rel=torch.finfo(dtype).eps)
+
+
+class _DoubledLE(LogExp):
+    def forward(self, loss):
+        return 2 * super().forward(loss)
+
+    def closed_form_derivative(self, loss):
+        return 2 * super().closed_form_derivative(loss)
+
+
+class _CappedLE(LogExp):
+    def in_domain(self, loss):
+        return super().in_domain(loss) & (loss <= 10)
+
+
+def test_subclass_changing_delta_skips_host_formulas():
+    # The inherited LE formulas would describe another δ than the subclass's `forward`.
+    model = DeformedRegression(deformation=_DoubledLE(1, 0.99))
+    loss = torch.tensor(1.5, requires_grad=True)
+    deformed = model._vdm_deform(loss)
+    deformed.backward()
+    value, slope = LogExp(1, 0.99).value_and_derivative(1.5)
+    assert deformed.item() == pytest.approx(2 * value, rel=1e-6)
+    assert loss.grad.item() == pytest.approx(2 * slope, rel=1e-6)
+
+
+def test_subclass_narrowing_domain_keeps_its_check(tmp_path):
+    model = DeformedRegression(deformation=_CappedLE(1, 0.99), offset=50.0)
+    with pytest.raises(ValueError, match=r"training loss \d+\.\d+ at global step 0 lies outside the domain of _CappedLE"):
+        _trainer(tmp_path, max_steps=2, log_every_n_steps=1).fit(model, RegressionData())
+
+
+class _ReturnsText(LogExp):
+    def value_and_derivative(self, loss):
+        return "δ", "δ'"
+
+
+class _ReturnsThree(LogExp):
+    def value_and_derivative(self, loss):
+        return 1.0, 2.0, 3.0
+
+
+class _ReturnsNumpy(LogExp):
+    def value_and_derivative(self, loss):
+        value, slope = super().value_and_derivative(loss)
+        return np.float32(value), torch.tensor(slope, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("deformation", [_ReturnsText(1, 0.5), _ReturnsThree(1, 0.5)], ids=["text", "three"])
+def test_custom_host_formulas_bad_return_raises(deformation):
+    model = DeformedRegression(deformation=deformation)
+    name = type(deformation).__name__
+    with pytest.raises(TypeError, match=rf"{name}.value_and_derivative\(1.5\) must return two real numbers"):
+        model._vdm_deform(torch.tensor(1.5, requires_grad=True))
+
+
+def test_custom_host_formulas_accept_numpy_and_tensors():
+    model = DeformedRegression(deformation=_ReturnsNumpy(1, 0.5))
+    loss = torch.tensor(1.5, requires_grad=True)
+    deformed = model._vdm_deform(loss)
+    deformed.backward()
+    value, slope = LogExp(1, 0.5).value_and_derivative(1.5)
+    assert deformed.shape == ()
+    assert deformed.item() == pytest.approx(value, rel=1e-6)
+    assert loss.grad.item() == pytest.approx(slope, rel=1e-7)
