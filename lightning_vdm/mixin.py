@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 _NONFINITE_POLICIES = ("error", "skip")
 _DERIVATIVE_POINTS = ("local", "global_mean")
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+_FLOAT64_MAX = torch.finfo(torch.float64).max
 
 
 class DeformationMismatchError(ValueError):
@@ -86,7 +87,7 @@ class _StepState:
     def __init__(self) -> None:
         self.records: list[VDMRecord] = []
         self.records_batch = -1
-        self.pending: list[tuple[int, Tensor]] = []
+        self.pending: list[tuple[int, Tensor, Tensor]] = []
         self.step_ran = False
 
 
@@ -212,17 +213,17 @@ class VDMMixin:
         deformation = self.deformation
         at = raw
         if deformation is None:
-            self._vdm_queue_check(raw)
+            self._vdm_queue_check(raw, raw)
             records.append(VDMRecord(raw, raw, raw))
             return loss
         if self.derivative_at == "global_mean" and self._trainer is not None and self._trainer.world_size > 1:
-            self._vdm_queue_check(raw)
             deformed, at = self._vdm_deform_at_global_mean(loss, raw)
+            self._vdm_queue_check(raw, deformed.detach())
         elif raw.device.type == "cpu" and (on_host := self._vdm_deform_on_host(loss, raw)) is not None:
             deformed = on_host
         else:
-            self._vdm_queue_check(raw)
             deformed = deformation.forward(promote_loss(loss))
+            self._vdm_queue_check(raw, deformed.detach())
         records.append(VDMRecord(raw, deformed.detach(), at))
         return deformed
 
@@ -243,16 +244,16 @@ class VDMMixin:
         if pair is None:
             return None
         deformed_value, slope = _as_value_pair(deformation, value, pair)
-        if not (math.isfinite(deformed_value) and math.isfinite(slope)):
-            self._vdm_queue_check(raw)
+        limit = _FLOAT64_MAX if loss.dtype == torch.float64 else _FLOAT32_MAX
+        if not (abs(deformed_value) <= limit and abs(slope) <= limit):
+            # Outside the domain, NaN, or δ or δ' beyond the loss's dtype. `forward` and the check decide, now: a loss
+            # outside the domain or an infinite δ raises at this step, and an infinite δ' alone trains as on a GPU.
+            deformed = deformation.forward(loss)
+            self._vdm_queue_check(raw, deformed.detach())
             self.vdm_check_losses()
-            # The loss is inside the domain but δ or δ' overflows: the tensor path gives the same Inf as on a GPU.
-            return None
+            return deformed
         if slope == 1.0 and deformed_value == value:
             return loss
-        if loss.dtype != torch.float64 and abs(slope) > _FLOAT32_MAX:
-            # δ' would round to Inf in float32, and 0·Inf is NaN: the tensor path keeps δ finite.
-            return None
         # `loss - value` is exactly zero and carries the loss's graph, so the result is δ(ℓ) rounded once to the
         # loss's dtype, and its gradient is δ'(ℓ)·∇ℓ with δ'(ℓ) rounded once.
         return (loss - value) * slope + deformed_value
@@ -270,41 +271,40 @@ class VDMMixin:
     # ------------------------------------------------------------------------------------------------------------
     # Deferred domain checks
 
-    def _vdm_queue_check(self, raw: Tensor) -> None:
+    def _vdm_queue_check(self, raw: Tensor, deformed: Tensor) -> None:
         trainer = self._trainer
         if trainer is None:
             # Called outside a Trainer (for example in a unit test): nothing to wait for.
-            self._vdm_state.pending.append((-1, raw))
+            self._vdm_state.pending.append((-1, raw, deformed))
             self.vdm_check_losses()
             return
         pending = self._vdm_state.pending
-        pending.append((trainer.global_step, raw))
+        pending.append((trainer.global_step, raw, deformed))
         # CPU losses that take the tensor path wait too: one check costs tens of µs of tensor operations
         # (benchmarks/overhead.py), which a batched check every `log_every_n_steps` steps amortises.
         if len(pending) >= max(1, trainer.log_every_n_steps):
             self.vdm_check_losses()
 
     def vdm_check_losses(self) -> None:
-        """Check the raw losses kept since the last check against the deformation's domain.
+        """Check the raw losses kept since the last check against the deformation's domain, and δ at them.
 
         This reads the losses on the host once for all of them. The mixin calls it on its own; a monitor may call it
         at a logging step, where it synchronises anyway.
 
         Raises:
-            FloatingPointError: If a loss is NaN or Inf.
+            FloatingPointError: If a loss is NaN or Inf, or δ is NaN or Inf at a loss inside the domain.
             ValueError: If a finite loss lies outside the deformation's domain.
         """
         state = self._vdm_state
         if not state.pending:
             return
         pending, state.pending = state.pending, []
-        if len(pending) == 1:
-            losses = promote_loss(pending[0][1]).reshape(1)
-        else:
-            losses = torch.stack([promote_loss(loss).reshape(()) for _, loss in pending])
+        losses = torch.stack([promote_loss(raw).reshape(()) for _, raw, _ in pending])
+        deformed = torch.stack([promote_loss(value).reshape(()) for _, _, value in pending])
         deformation = self.deformation
         finite = torch.isfinite(losses)
-        valid = finite if deformation is None else deformation.in_domain(losses)
+        inside = finite if deformation is None else deformation.in_domain(losses)
+        valid = inside & torch.isfinite(deformed)
         if bool(valid.all()):
             return
 
@@ -316,9 +316,16 @@ class VDMMixin:
                 "checkpoint. Lower the learning rate or check the data; set `nonfinite_loss='skip'` on the model "
                 "to skip such steps instead."
             )
-        raise ValueError(
-            f"The training loss {value:.9g} at global step {step} lies outside the domain of {deformation!r} "
-            f"({deformation.domain}). Choose a deformation whose domain contains every training loss."
+        if not bool(inside[index]):
+            raise ValueError(
+                f"The training loss {value:.9g} at global step {step} lies outside the domain of {deformation!r} "
+                f"({_domain_text(deformation)}). Choose a deformation whose domain contains every training loss."
+            )
+        raise FloatingPointError(
+            f"δ(ℓ) is {deformed[index].item()} at the training loss {value:.9g} (global step {step}), although the loss "
+            f"is inside the domain of {deformation!r} ({_domain_text(deformation)}). If δ is undefined there, "
+            f"override `in_domain` and `domain` of {type(deformation).__name__}; if it overflows, compute the loss in "
+            "float64 or choose other coefficients."
         )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -430,6 +437,14 @@ class VDMMixin:
             _check_same_deformation(state, checkpoint.get("hyper_parameters", {}), self)
         self.vdm_skipped_steps = state.get("skipped_steps", 0)
         super().on_load_checkpoint(checkpoint)
+
+
+def _domain_text(deformation: VerticalDeformation) -> str:
+    """Return the deformation's domain text, or say that its ``in_domain`` decides when only that is overridden."""
+    owners = {name: next(base for base in type(deformation).__mro__ if name in vars(base)) for name in ("in_domain", "domain")}
+    if owners["in_domain"] is not owners["domain"] and issubclass(owners["in_domain"], owners["domain"]):
+        return f"the losses that {owners['in_domain'].__name__}.in_domain accepts"
+    return deformation.domain
 
 
 def _as_value_pair(deformation: VerticalDeformation, loss: float, pair: Any) -> tuple[float, float]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
-from lightning_vdm import ArctanPower, LogExp, Power, VDMMixin, parse_deformation
+from lightning_vdm import ArctanPower, LogExp, Power, VDMMixin, VerticalDeformation, parse_deformation
 from tests.tiny import DeformedRegression, RegressionData, ScaledSquareRoot, TinyRegression, regression_data
 
 
@@ -365,21 +365,37 @@ def test_cpu_loss_of_custom_deformation_uses_autograd():
     torch.testing.assert_close(gradient, 1.5 / math.sqrt(loss.item() + 1.0) * loss_gradient)
 
 
-def test_cpu_overflow_inside_domain_gives_inf():
-    # ℓ³ overflows float64 at ℓ = 1e200, inside Power's domain: no domain error, and δ is Inf as on a GPU.
+@pytest.mark.parametrize(
+    "loss", [torch.tensor(1e200, dtype=torch.float64), torch.tensor(1e13)], ids=["float64", "float32"]
+)
+def test_cpu_overflow_inside_domain_raises(loss):
+    # ℓ³ overflows at these losses, inside Power's domain: training would go on with an Inf loss.
     model = DeformedRegression(deformation=Power(1, 3))
-    loss = torch.tensor(1e200, dtype=torch.float64, requires_grad=True)
-    assert torch.isinf(model._vdm_deform(loss))
+    with pytest.raises(FloatingPointError, match=r"δ\(ℓ\) is inf at the training loss [\d.]+e\+\d+ .*inside the domain of Power"):
+        model._vdm_deform(loss.requires_grad_(True))
 
 
-def test_cpu_float32_overflow_keeps_finite_gradient():
-    # δ(1e13) = 1e39 overflows float32 but δ'(1e13) = 3e26 does not: the value is Inf, the gradient finite.
-    model = DeformedRegression(deformation=Power(1, 3))
-    loss = torch.tensor(1e13, requires_grad=True)
-    deformed = model._vdm_deform(loss)
-    deformed.backward()
-    assert torch.isinf(deformed)
-    assert loss.grad.item() == pytest.approx(3e26, rel=1e-6)
+class _LogShift(VerticalDeformation):
+    """δ(ℓ) = ln(ℓ + 0.5), written without its domain ℓ > −0.5."""
+
+    def forward(self, loss):
+        return torch.log(loss + 0.5)
+
+
+class _LogShiftOnHost(_LogShift):
+    def value_and_derivative(self, loss):
+        if not loss > -0.5:
+            return math.nan, math.nan
+        return math.log(loss + 0.5), 1.0 / (loss + 0.5)
+
+
+@pytest.mark.parametrize("deformation", [_LogShift(), _LogShiftOnHost()], ids=["forward", "host"])
+def test_undefined_delta_raises_without_declared_domain(tmp_path, deformation):
+    # Neither class overrides `in_domain`, so the loss counts as inside; δ is NaN there, which must still stop training.
+    model = DeformedRegression(deformation=deformation, offset=-30.0)
+    name = type(deformation).__name__
+    with pytest.raises(FloatingPointError, match=rf"δ\(ℓ\) is nan at the training loss -\d+\.\d+ \(global step 0\).*{name}"):
+        _trainer(tmp_path, max_steps=3, log_every_n_steps=1).fit(model, RegressionData())
 
 
 def test_cpu_loss_outside_domain_raises_at_its_step(tmp_path):
@@ -469,7 +485,7 @@ def test_subclass_changing_delta_skips_host_formulas():
 
 def test_subclass_narrowing_domain_keeps_its_check(tmp_path):
     model = DeformedRegression(deformation=_CappedLE(1, 0.99), offset=50.0)
-    with pytest.raises(ValueError, match=r"training loss \d+\.\d+ at global step 0 lies outside the domain of _CappedLE"):
+    with pytest.raises(ValueError, match=r"at global step 0 lies outside the domain of _CappedLE\(1, 0.99\) \(the losses that _CappedLE.in_domain accepts\)"):
         _trainer(tmp_path, max_steps=2, log_every_n_steps=1).fit(model, RegressionData())
 
 
