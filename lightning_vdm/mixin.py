@@ -440,7 +440,7 @@ class VDMMixin:
 
 
 def _domain_text(deformation: VerticalDeformation) -> str:
-    """Return the deformation's domain text, or say that its ``in_domain`` decides when only that is overridden."""
+    """Return the deformation's domain text, or name its ``in_domain`` when a subclass overrides only that."""
     owners = {name: next(base for base in type(deformation).__mro__ if name in vars(base)) for name in ("in_domain", "domain")}
     if owners["in_domain"] is not owners["domain"] and issubclass(owners["in_domain"], owners["domain"]):
         return f"the losses that {owners['in_domain'].__name__}.in_domain accepts"
