@@ -18,10 +18,12 @@ Two ways to deform. A loss on an accelerator goes through ``deformation.forward`
 A loss on the CPU, where reading it costs no synchronisation, is read once: the built-in families compute δ(ℓ) and
 δ'(ℓ) in float64 on the host (:meth:`~lightning_vdm.deformations.VerticalDeformation.value_and_derivative`), and
 the mixin returns (ℓ − ℓ)·δ'(ℓ) + δ(ℓ), whose first term is exactly zero but carries ℓ's graph: three scalar
-operations instead of five or more. Both give the gradient δ'(ℓ)·∇ℓ. A deformation of the user's own without ``value_and_derivative`` takes the first way on the CPU too.
+operations instead of five or more. Both give the gradient δ'(ℓ)·∇ℓ. A deformation of the user's own without
+``value_and_derivative`` takes the first way on the CPU too.
 
-Domain and non-finite losses. A loss outside the deformation's domain, NaN or Inf, cannot be deformed. On the CPU
-with a built-in family the error comes at the bad step. Otherwise, to avoid a host synchronisation on every step,
+Domain and non-finite losses. A loss outside the deformation's domain, NaN or Inf, cannot be deformed, and neither
+can a loss where δ is NaN or Inf. On the CPU, with a built-in family or a deformation that implements
+``value_and_derivative``, the error comes at the bad step. Otherwise, to avoid a host synchronisation on every step,
 the mixin collects the detached raw losses and checks them together: every ``log_every_n_steps`` steps, at the end
 of every epoch, before every checkpoint is written, and at the end of training. The error names the global step and
 the loss value. On an accelerator, training may run up to ``log_every_n_steps - 1`` steps past the bad one before
@@ -441,9 +443,11 @@ class VDMMixin:
 
 def _domain_text(deformation: VerticalDeformation) -> str:
     """Return the deformation's domain text, or name its ``in_domain`` when a subclass overrides only that."""
-    owners = {name: next(base for base in type(deformation).__mro__ if name in vars(base)) for name in ("in_domain", "domain")}
-    if owners["in_domain"] is not owners["domain"] and issubclass(owners["in_domain"], owners["domain"]):
-        return f"the losses that {owners['in_domain'].__name__}.in_domain accepts"
+    mro = type(deformation).__mro__
+    checks = next(base for base in mro if "in_domain" in vars(base))
+    describes = next(base for base in mro if "domain" in vars(base))
+    if checks is not describes and issubclass(checks, describes):
+        return f"the losses that {checks.__name__}.in_domain accepts"
     return deformation.domain
 
 
