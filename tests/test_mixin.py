@@ -472,15 +472,20 @@ class _CappedLE(LogExp):
         return super().in_domain(loss) & (loss <= 10)
 
 
+def _deform_and_differentiate(deformation, loss: float) -> tuple[torch.Tensor, float]:
+    """Return what the mixin makes of a float32 CPU loss, and the gradient of that with respect to the loss."""
+    leaf = torch.tensor(loss, requires_grad=True)
+    deformed = DeformedRegression(deformation=deformation)._vdm_deform(leaf)
+    deformed.backward()
+    return deformed, leaf.grad.item()
+
+
 def test_subclass_changing_delta_skips_host_formulas():
     # The inherited LE formulas would describe another δ than the subclass's `forward`.
-    model = DeformedRegression(deformation=_DoubledLE(1, 0.99))
-    loss = torch.tensor(1.5, requires_grad=True)
-    deformed = model._vdm_deform(loss)
-    deformed.backward()
+    deformed, gradient = _deform_and_differentiate(_DoubledLE(1, 0.99), 1.5)
     value, slope = LogExp(1, 0.99).value_and_derivative(1.5)
     assert deformed.item() == pytest.approx(2 * value, rel=1e-6)
-    assert loss.grad.item() == pytest.approx(2 * slope, rel=1e-6)
+    assert gradient == pytest.approx(2 * slope, rel=1e-6)
 
 
 def test_subclass_narrowing_domain_keeps_its_check(tmp_path):
@@ -514,11 +519,8 @@ def test_custom_host_formulas_bad_return_raises(deformation):
 
 
 def test_custom_host_formulas_accept_numpy_and_tensors():
-    model = DeformedRegression(deformation=_ReturnsNumpy(1, 0.5))
-    loss = torch.tensor(1.5, requires_grad=True)
-    deformed = model._vdm_deform(loss)
-    deformed.backward()
+    deformed, gradient = _deform_and_differentiate(_ReturnsNumpy(1, 0.5), 1.5)
     value, slope = LogExp(1, 0.5).value_and_derivative(1.5)
     assert deformed.shape == ()
     assert deformed.item() == pytest.approx(value, rel=1e-6)
-    assert loss.grad.item() == pytest.approx(slope, rel=1e-7)
+    assert gradient == pytest.approx(slope, rel=1e-7)
