@@ -134,6 +134,8 @@ def test_monitor_logs_match_direct_calls(tmp_path):
 
     assert float(row["flatness/hessian_top_eigenvalue"]) == pytest.approx(top.eigenvalue, rel=1e-9)
     assert float(row["flatness/hessian_trace"]) == pytest.approx(trace.trace, rel=1e-9)
+    assert float(row["flatness/hessian_trace_standard_error"]) == pytest.approx(trace.standard_error, rel=1e-9)
+    assert int(float(row["flatness/hessian_iterations"])) == top.iterations
     assert float(row["flatness/subset_loss"]) == pytest.approx(losses[3].item(), rel=1e-9)
     sharpness = (losses[0] + losses[6]).item() / 2 - losses[3].item()
     assert float(row["flatness/curve_sharpness"]) == pytest.approx(sharpness, rel=1e-9)

@@ -81,11 +81,13 @@ class FlatnessResult:
         """Return the values logged under the ``flatness/`` prefix."""
         metrics = {
             "flatness/hessian_top_eigenvalue": self.hessian_top_eigenvalue,
+            "flatness/hessian_iterations": float(self.hessian_iterations),
             "flatness/curve_sharpness": self.curve_sharpness,
             "flatness/subset_loss": self.subset_loss,
         }
         if self.hessian_trace is not None:
             metrics["flatness/hessian_trace"] = self.hessian_trace
+            metrics["flatness/hessian_trace_standard_error"] = self.hessian_trace_standard_error
         return metrics
 
 
@@ -115,7 +117,9 @@ class FlatnessMonitor(Callback):
     copied to ``trainer.callback_metrics``:
 
     * ``flatness/hessian_top_eigenvalue``: the signed eigenvalue of largest magnitude.
-    * ``flatness/hessian_trace``: only when ``trace_samples > 0``.
+    * ``flatness/hessian_iterations``: the Hessian-vector products that power iteration used.
+    * ``flatness/hessian_trace`` and ``flatness/hessian_trace_standard_error``: only when
+      ``trace_samples > 0``.
     * ``flatness/curve_sharpness``: (L(θ - r·d) + L(θ + r·d)) / 2 - L(θ) with ``r = curve_range``
       and d the filter-normalised direction drawn with ``seed``.
     * ``flatness/subset_loss``: L(θ).
