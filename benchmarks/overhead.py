@@ -311,7 +311,7 @@ def _print_peak_rss(variant: str, setting: Setting) -> None:
 def domain_check_cost_us(repeats: int = 20000) -> float:
     """Return the microseconds of one domain check of one loss (``vdm_check_losses``), timed on the CPU.
 
-    Losses on an accelerator are checked in batches every ``log_every_n_steps`` steps; this is what a check on every
+    Losses on an accelerator are checked in batches every ``log_every_n_steps`` steps. This is what a check on every
     step would cost.
     """
     module = ImageClassifier(network=_MLP(), num_classes=10, deformation=LogExp(1, 0.99))

@@ -333,15 +333,17 @@ def host_formulas_apply(deformation: VerticalDeformation) -> bool:
     return _host_formulas_apply(type(deformation))
 
 
+def _defining_class(cls: type, name: str) -> type:
+    """Return the first class in ``cls``'s method resolution order that defines the attribute ``name`` itself."""
+    return next(base for base in cls.__mro__ if name in vars(base))
+
+
 @functools.cache
 def _host_formulas_apply(cls: type[VerticalDeformation]) -> bool:
-    def owner(name: str) -> type:
-        return next(base for base in cls.__mro__ if name in vars(base))
-
-    host = owner("value_and_derivative")
+    host = _defining_class(cls, "value_and_derivative")
     if host is VerticalDeformation:
         return False
-    return all(issubclass(host, owner(name)) for name in _HOST_CONSISTENT_METHODS)
+    return all(issubclass(host, _defining_class(cls, name)) for name in _HOST_CONSISTENT_METHODS)
 
 
 class ArctanPower(VerticalDeformation):

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from lightning_vdm.deformations import (
     VerticalDeformation,
+    _defining_class,
     as_deformation,
     host_formulas_apply,
     parse_deformation,
@@ -220,20 +221,24 @@ class VDMMixin:
             return loss
         if self.derivative_at == "global_mean" and self._trainer is not None and self._trainer.world_size > 1:
             deformed, at = self._vdm_deform_at_global_mean(loss, raw)
-            self._vdm_queue_check(raw, deformed.detach())
+            detached = deformed.detach()
+            self._vdm_queue_check(raw, detached)
         elif raw.device.type == "cpu" and (on_host := self._vdm_deform_on_host(loss, raw)) is not None:
             deformed = on_host
+            detached = deformed.detach()
         else:
             deformed = deformation.forward(promote_loss(loss))
-            self._vdm_queue_check(raw, deformed.detach())
-        records.append(VDMRecord(raw, deformed.detach(), at))
+            detached = deformed.detach()
+            self._vdm_queue_check(raw, detached)
+        records.append(VDMRecord(raw, detached, at))
         return deformed
 
     def _vdm_deform_on_host(self, loss: Tensor, raw: Tensor) -> Tensor | None:
         """Deform a CPU loss with the deformation's float formulas; ``None`` when it has none.
 
-        Reading a CPU tensor costs no synchronisation, and three scalar operations replace the five or more of
-        ``deformation.forward`` and their autograd nodes, each of which costs microseconds (benchmarks/overhead.py).
+        Only CPU losses come here, so ``item()`` reads host memory and waits for no device. Three scalar operations
+        then replace the five or more of ``deformation.forward`` and their autograd nodes, each of which costs
+        microseconds (benchmarks/overhead.py).
         A loss outside the domain, NaN or Inf raises here, at its own step, with the error of
         :meth:`vdm_check_losses`.
         """
@@ -248,8 +253,8 @@ class VDMMixin:
         deformed_value, slope = _as_value_pair(deformation, value, pair)
         limit = _FLOAT64_MAX if loss.dtype == torch.float64 else _FLOAT32_MAX
         if not (abs(deformed_value) <= limit and abs(slope) <= limit):
-            # Outside the domain, NaN, or δ or δ' beyond the loss's dtype. `forward` and the check decide, now: a loss
-            # outside the domain or an infinite δ raises at this step, and an infinite δ' alone trains as on a GPU.
+            # The loss is outside the domain or NaN, or δ or δ' exceeds the loss's dtype. Checking now raises at this
+            # step for a bad loss or an infinite δ. An infinite δ' alone passes and trains through `forward`, as on a GPU.
             deformed = deformation.forward(loss)
             self._vdm_queue_check(raw, deformed.detach())
             self.vdm_check_losses()
@@ -443,9 +448,8 @@ class VDMMixin:
 
 def _domain_text(deformation: VerticalDeformation) -> str:
     """Return the deformation's domain text, or name its ``in_domain`` when a subclass overrides only that."""
-    mro = type(deformation).__mro__
-    checks = next(base for base in mro if "in_domain" in vars(base))
-    describes = next(base for base in mro if "domain" in vars(base))
+    checks = _defining_class(type(deformation), "in_domain")
+    describes = _defining_class(type(deformation), "domain")
     if checks is not describes and issubclass(checks, describes):
         return f"the losses that {checks.__name__}.in_domain accepts"
     return deformation.domain

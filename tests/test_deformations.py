@@ -838,7 +838,7 @@ def test_parse_zero_written_with_exponent_is_zero():
 
 
 @pytest.mark.parametrize("deformation", ALL_DEFORMATIONS, ids=repr)
-def test_value_and_derivative_match_float64_tensors(deformation):
+def test_host_formulas_match_tensors(deformation):
     for loss in _loss_grid(deformation).tolist():
         value, slope = deformation.value_and_derivative(loss)
         point = torch.tensor(loss, dtype=torch.float64)
@@ -847,7 +847,7 @@ def test_value_and_derivative_match_float64_tensors(deformation):
 
 
 @pytest.mark.parametrize("deformation", PAPER_DEFORMATIONS, ids=repr)
-def test_value_and_derivative_match_textbook(deformation):
+def test_host_formulas_match_textbook(deformation):
     # Away from the LE bound, where the printed formula loses digits to cancellation.
     bound = _lower_bound(deformation)
     for loss in [0.05, 0.3, 1.0, 2.3, 7.0]:
@@ -872,7 +872,7 @@ def test_value_and_derivative_match_textbook(deformation):
     ],
     ids=repr,
 )
-def test_value_and_derivative_undefined_outside_domain(deformation, outside):
+def test_host_formulas_nan_outside_domain(deformation, outside):
     for loss in outside + [math.nan, math.inf, -math.inf]:
         value, slope = deformation.value_and_derivative(loss)
         assert math.isnan(value), loss
@@ -882,7 +882,7 @@ def test_value_and_derivative_undefined_outside_domain(deformation, outside):
 @pytest.mark.parametrize(
     "deformation, loss", [(ArctanPower(1, 1, 2000, 0), 1e3), (Power(1, 3), 1e200)], ids=["AP", "Power"]
 )
-def test_value_and_derivative_overflow_is_infinite(deformation, loss):
+def test_host_formulas_overflow_infinite(deformation, loss):
     # Python's ** raises OverflowError where torch gives inf; the method gives inf too.
     assert deformation.value_and_derivative(loss) == (math.inf, math.inf)
     assert torch.isinf(deformation.forward(torch.tensor(loss, dtype=torch.float64)))
@@ -901,7 +901,7 @@ class _ShiftedLE(LogExp):
 def test_host_formulas_apply():
     for deformation in PAPER_DEFORMATIONS:
         assert deformations_module.host_formulas_apply(deformation), deformation
-    # No host formulas; host formulas beside its own forward; LE's formulas under another forward.
+    # Without host formulas, with host formulas beside their own forward, and with LE's formulas under another forward.
     assert not deformations_module.host_formulas_apply(LogOnePlus())
     assert deformations_module.host_formulas_apply(_LogOnePlusOnHost())
     assert not deformations_module.host_formulas_apply(_ShiftedLE(1, 0.5))

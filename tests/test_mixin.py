@@ -352,7 +352,7 @@ def test_cpu_loss_value_and_gradient(notation, dtype):
     torch.testing.assert_close(gradient.double(), expected, rtol=tolerance, atol=tolerance)
 
 
-def test_cpu_loss_of_custom_deformation_uses_autograd():
+def test_custom_deformation_uses_autograd():
     # ScaledSquareRoot defines only `forward`, so the mixin differentiates it with autograd, sqrt node included.
     model = DeformedRegression(deformation=ScaledSquareRoot(3.0))
     weights = torch.tensor([0.3, -1.2, 0.8], requires_grad=True)
@@ -390,15 +390,15 @@ class _LogShiftOnHost(_LogShift):
 
 
 @pytest.mark.parametrize("deformation", [_LogShift(), _LogShiftOnHost()], ids=["forward", "host"])
-def test_undefined_delta_raises_without_declared_domain(tmp_path, deformation):
-    # Neither class overrides `in_domain`, so the loss counts as inside; δ is NaN there, which must still stop training.
+def test_undefined_delta_raises(tmp_path, deformation):
+    # Neither class overrides `in_domain`, so the loss counts as inside. δ is NaN there, which must still stop training.
     model = DeformedRegression(deformation=deformation, offset=-30.0)
     name = type(deformation).__name__
     with pytest.raises(FloatingPointError, match=rf"δ\(ℓ\) is nan at the training loss -\d+\.\d+ \(global step 0\).*{name}"):
         _trainer(tmp_path, max_steps=3, log_every_n_steps=1).fit(model, RegressionData())
 
 
-def test_cpu_loss_outside_domain_raises_at_its_step(tmp_path):
+def test_cpu_domain_error_at_bad_step(tmp_path):
     # On the CPU the mixin reads the loss anyway, so the error comes at the bad step, not at the next batched check.
     steps = []
 
@@ -423,7 +423,7 @@ def test_cpu_loss_outside_domain_raises_at_its_step(tmp_path):
         ("Power(1, 50)", 3.0, 3.0**50),
     ],
 )
-def test_cpu_value_keeps_digits_when_slope_is_large(notation, loss, expected):
+def test_cpu_value_exact_for_large_slope(notation, loss, expected):
     deformation = parse_deformation(notation)
     model = DeformedRegression(deformation=deformation)
     loss32 = torch.tensor(loss, requires_grad=True)
@@ -433,7 +433,7 @@ def test_cpu_value_keeps_digits_when_slope_is_large(notation, loss, expected):
     assert model._vdm_deform(loss32).item() == pytest.approx(exact, rel=torch.finfo(torch.float32).eps)
 
 
-def test_cpu_slope_at_float32_bound_is_logged():
+def test_logged_slope_at_float32_bound():
     # 0.69314718 rounds to the float32 next to ln 2 from above: float64 puts it inside LE(1, 2)'s domain.
     deformation = LogExp(1, 2)
     model = DeformedRegression(deformation=deformation)
@@ -488,7 +488,7 @@ def test_subclass_changing_delta_skips_host_formulas():
     assert gradient == pytest.approx(2 * slope, rel=1e-6)
 
 
-def test_subclass_narrowing_domain_keeps_its_check(tmp_path):
+def test_subclass_domain_check_kept(tmp_path):
     model = DeformedRegression(deformation=_CappedLE(1, 0.99), offset=50.0)
     with pytest.raises(ValueError, match=r"at global step 0 lies outside the domain of _CappedLE\(1, 0.99\) \(the losses that _CappedLE.in_domain accepts\)"):
         _trainer(tmp_path, max_steps=2, log_every_n_steps=1).fit(model, RegressionData())
@@ -511,14 +511,14 @@ class _ReturnsNumpy(LogExp):
 
 
 @pytest.mark.parametrize("deformation", [_ReturnsText(1, 0.5), _ReturnsThree(1, 0.5)], ids=["text", "three"])
-def test_custom_host_formulas_bad_return_raises(deformation):
+def test_host_formulas_bad_return_raises(deformation):
     model = DeformedRegression(deformation=deformation)
     name = type(deformation).__name__
     with pytest.raises(TypeError, match=rf"{name}.value_and_derivative\(1.5\) must return two real numbers"):
         model._vdm_deform(torch.tensor(1.5, requires_grad=True))
 
 
-def test_custom_host_formulas_accept_numpy_and_tensors():
+def test_host_formulas_accept_numpy_tensors():
     deformed, gradient = _deform_and_differentiate(_ReturnsNumpy(1, 0.5), 1.5)
     value, slope = LogExp(1, 0.5).value_and_derivative(1.5)
     assert deformed.shape == ()
