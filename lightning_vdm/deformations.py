@@ -36,7 +36,7 @@ import functools
 import math
 import numbers
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -53,6 +53,7 @@ __all__ = [
     "host_formulas_apply",
     "parse_deformation",
     "promote_loss",
+    "stack_scalars",
 ]
 
 _ACCEPTED_FORMS = "AP(a1, a2, a3, a4), LE(e1, e2), Power(scale, exponent), Identity()"
@@ -81,6 +82,19 @@ def promote_loss(loss: Tensor) -> Tensor:
     if loss.is_complex():
         raise TypeError(f"loss must have a real dtype, got {loss.dtype}")
     return loss.to(torch.float32)
+
+
+def stack_scalars(tensors: Sequence[Tensor]) -> Tensor:
+    """Stack single-element tensors into one 1-D tensor, promoted as :func:`promote_loss` does.
+
+    One ``torch.stack`` for the common case of equal shapes; tensors of differing shapes, such as ``()`` and ``(1,)``,
+    are reshaped one by one first. Mixed dtypes follow torch's type promotion.
+    """
+    try:
+        flat = torch.stack(list(tensors)).reshape(-1)
+    except RuntimeError:
+        flat = torch.stack([tensor.reshape(()) for tensor in tensors])
+    return promote_loss(flat)
 
 
 def _format_exact(value: float) -> str:

@@ -51,6 +51,7 @@ from lightning_vdm.deformations import (
     host_formulas_apply,
     parse_deformation,
     promote_loss,
+    stack_scalars,
 )
 
 __all__ = ["DeformationMismatchError", "VDMMixin", "VDMRecord"]
@@ -306,8 +307,8 @@ class VDMMixin:
         if not state.pending:
             return
         pending, state.pending = state.pending, []
-        losses = torch.stack([promote_loss(raw).reshape(()) for _, raw, _ in pending])
-        deformed = torch.stack([promote_loss(value).reshape(()) for _, _, value in pending])
+        losses = stack_scalars([raw for _, raw, _ in pending])
+        deformed = stack_scalars([value for _, _, value in pending])
         deformation = self.deformation
         finite = torch.isfinite(losses)
         inside = finite if deformation is None else deformation.in_domain(losses)

@@ -17,6 +17,7 @@ from lightning_vdm.deformations import (
     as_deformation,
     parse_deformation,
     promote_loss,
+    stack_scalars,
 )
 
 # Every coefficient set of Tables 1 to 3 and Fig. 1 of "Deforming the Loss Surface to Affect the
@@ -286,6 +287,27 @@ def test_promote_loss_dtype(dtype, expected):
 
     assert promoted.dtype == expected
     assert torch.equal(promoted, loss.to(expected))
+
+
+@pytest.mark.parametrize(
+    ("tensors", "expected_dtype"),
+    [
+        ([torch.tensor(0.1), torch.tensor(2.5), torch.tensor(-3.0)], torch.float32),
+        ([torch.tensor([0.1]), torch.tensor([2.5])], torch.float32),
+        ([torch.tensor(0.1), torch.tensor([2.5]), torch.tensor([[4.0]])], torch.float32),
+        ([torch.tensor(0.1, dtype=torch.bfloat16), torch.tensor(2.5, dtype=torch.float16)], torch.float32),
+        ([torch.tensor(0.1, dtype=torch.float16), torch.tensor(2.5, dtype=torch.float64)], torch.float64),
+        ([torch.tensor(3), torch.tensor(True)], torch.float32),
+    ],
+    ids=["scalars", "shape-1", "mixed-shapes", "half-types", "half-and-double", "int-and-bool"],
+)
+def test_stack_scalars_matches_promoting_one_by_one(tensors, expected_dtype):
+    stacked = stack_scalars(tensors)
+
+    assert stacked.shape == (len(tensors),)
+    assert stacked.dtype == expected_dtype
+    expected = [promote_loss(tensor).to(torch.float64).item() for tensor in tensors]
+    assert stacked.to(torch.float64).tolist() == expected
 
 
 def test_promote_loss_keeps_object():

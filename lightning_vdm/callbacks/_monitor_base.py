@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from lightning_vdm.deformations import promote_loss
+from lightning_vdm.deformations import stack_scalars
 from lightning_vdm.mixin import VDMMixin, VDMRecord
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def _sample_from_state(state: dict[str, Any]) -> _Sample:
 
 def per_sample(samples: list[_Sample], field: str, transform: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Return one value per sample: the mean over the sample's records of ``transform(record.field)``."""
-    flat = torch.stack([promote_loss(getattr(record, field)).reshape(()) for s in samples for record in s.records])
+    flat = stack_scalars([getattr(record, field) for sample in samples for record in sample.records])
     if transform is not None:
         flat = transform(flat)
     counts = [len(sample.records) for sample in samples]
