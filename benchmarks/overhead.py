@@ -21,6 +21,14 @@ The reported step time of a variant is the median over rounds of its per-run med
 is the median over rounds of its per-run median minus that of ``plain`` in the same round, which cancels the
 machine's slow drifts.
 
+A difference of two whole steps is noisy: on the CPU of docs/benchmarks.md it moved by up to 20 µs between runs
+on the MLP and by several percent on ResNet-20. So the script also times each added part directly, inside
+instrumented runs of ``plain`` and ``le_monitors`` (``--parts-runs``): the mixin's code in ``training_step`` and its
+hooks, backward through the deformation's operations (from a hook on the deformed loss to one on the raw loss), the
+monitors' hooks, Lightning's calls of them, its per-step metric update, and the garbage collector. Each part is a
+sum of intervals of a few microseconds, so it varies by one or two microseconds between runs, and the parts cover
+only the code they name.
+
 Peak memory is measured separately. On the CPU each variant trains in a new Python process and reports its peak
 resident set size. On CUDA it is ``torch.cuda.max_memory_allocated`` per run.
 
@@ -32,7 +40,9 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import gc
 import random
 import resource
 import statistics
@@ -42,17 +52,21 @@ import tempfile
 import time
 import timeit
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.trainer import call as lightning_call
+from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_vdm import DeformationMonitor, EffectiveLearningRateMonitor, Identity, LogExp
+from lightning_vdm import DeformationMonitor, EffectiveLearningRateMonitor, Identity, LogExp, VDMMixin
 from lightning_vdm.models.classifier import ImageClassificationModule, ImageClassifier
 from lightning_vdm.models.resnet_cifar import CifarResNet
 
@@ -326,11 +340,233 @@ def domain_check_cost_us(repeats: int = 20000) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Direct timing of the added parts
+
+PARTS = {
+    "mixin_step": "the mixin in training_step (wrapper, record, δ and δ' on the host, three scalar operations)",
+    "mixin_hooks": "the mixin's on_before_backward and on_before_optimizer_step",
+    "deformation_backward": "backward through the deformation's operations",
+    "monitor_hooks": "the monitors' hooks",
+    "callback_dispatch": "Lightning calling the monitors' hooks",
+    "logging": "Lightning writing the logged metrics (update_train_step_metrics)",
+    "garbage_collection": "Python's garbage collector",
+}
+
+
+class _Clock:
+    """Sums of ``perf_counter`` intervals per part, one dict per timed step."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self.current = dict.fromkeys(PARTS, 0.0)  # the warm-up steps add here and are dropped
+        self.inner = 0.0
+        self.loss: Tensor | None = None
+        self.backward_start = 0.0
+        self.collection_start = 0.0
+
+    def add(self, part: str, seconds: float) -> None:
+        self.current[part] += seconds
+
+    def new_step(self) -> None:
+        self.current = dict.fromkeys(PARTS, 0.0)
+        self.steps.append(self.current)
+
+
+def mark_backward(output: Tensor, loss: Tensor, clock: _Clock) -> None:
+    """Time backward from ``output`` down to ``loss``: the nodes that lie between them, and two hook calls."""
+
+    def start(grad: Tensor) -> None:
+        clock.backward_start = time.perf_counter()
+
+    def end(grad: Tensor) -> None:
+        clock.add("deformation_backward", time.perf_counter() - clock.backward_start)
+
+    # Hooks of one tensor run in the order of registration, so with `output is loss` this times the hooks alone.
+    output.register_hook(start)
+    loss.register_hook(end)
+
+
+class _TimedInnerStep(ImageClassificationModule):
+    """Time the module's own training step, the part that the plain module runs too, and keep its loss."""
+
+    clock: _Clock
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        start = time.perf_counter()
+        loss = super().training_step(batch, batch_idx)
+        self.clock.inner = time.perf_counter() - start
+        self.clock.loss = loss
+        return loss
+
+
+class _TimedPlain(_TimedInnerStep):
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        mark_backward(loss, loss, self.clock)
+        return loss
+
+
+class _TimedClassifier(VDMMixin, _TimedInnerStep):
+    """``ImageClassifier`` whose mixin code is timed: ``training_step`` minus the module's own step, and hooks."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Any:
+        clock = self.clock
+        start = time.perf_counter()
+        output = super().training_step(batch, batch_idx)
+        clock.add("mixin_step", time.perf_counter() - start - clock.inner)
+        mark_backward(output, clock.loss, clock)
+        return output
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        start = time.perf_counter()
+        super().on_before_backward(loss)
+        self.clock.add("mixin_hooks", time.perf_counter() - start)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        start = time.perf_counter()
+        super().on_before_optimizer_step(optimizer)
+        self.clock.add("mixin_hooks", time.perf_counter() - start)
+
+
+def time_hooks(callback: Callback, clock: _Clock, part: str) -> None:
+    """Replace every ``on_*`` hook of ``callback`` by one that adds its time to ``part``."""
+    for name in dir(Callback):
+        if not name.startswith("on_"):
+            continue
+        method = getattr(callback, name)
+
+        def timed(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                clock.add(part, time.perf_counter() - start)
+
+        setattr(callback, name, timed)
+
+
+class _StepClock(Callback):
+    """Start a new record at every timed step; warm-up steps are not recorded."""
+
+    def __init__(self, clock: _Clock, warmup: int) -> None:
+        self.clock = clock
+        self.warmup = warmup
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step >= self.warmup:
+            self.clock.new_step()
+
+
+@contextlib.contextmanager
+def _timing_lightning(clock: _Clock) -> Iterator[None]:
+    """Time Lightning's callback dispatch, its per-step metric update, and the garbage collector."""
+    dispatch = lightning_call._call_callback_hooks
+    update = _LoggerConnector.update_train_step_metrics
+
+    def timed_dispatch(*args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        try:
+            dispatch(*args, **kwargs)
+        finally:
+            clock.add("callback_dispatch", time.perf_counter() - start)
+
+    def timed_update(connector: _LoggerConnector) -> None:
+        start = time.perf_counter()
+        try:
+            update(connector)
+        finally:
+            clock.add("logging", time.perf_counter() - start)
+
+    def collection(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            clock.collection_start = time.perf_counter()
+        else:
+            clock.add("garbage_collection", time.perf_counter() - clock.collection_start)
+
+    gc.callbacks.append(collection)
+    try:
+        with mock.patch.object(lightning_call, "_call_callback_hooks", timed_dispatch), mock.patch.object(
+            _LoggerConnector, "update_train_step_metrics", timed_update
+        ):
+            yield
+    finally:
+        gc.callbacks.remove(collection)
+
+
+def timed_parts_of_run(variant: str, setting: Setting, loader: DataLoader) -> list[dict[str, float]]:
+    """Train ``plain`` or ``le_monitors`` with the parts timed; return the seconds of each part per timed step."""
+    if variant not in ("plain", "le_monitors"):
+        raise ValueError(f"`variant` must be 'plain' or 'le_monitors' for the timed parts, got {variant!r}.")
+    clock = _Clock()
+    arguments = dict(network=build_network(setting), num_classes=10, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    callbacks: list[Callback] = [_StepClock(clock, setting.warmup)]
+    if variant == "plain":
+        module: ImageClassificationModule = _TimedPlain(**arguments)
+    else:
+        module = _TimedClassifier(deformation=LogExp(1, 0.99), **arguments)
+        monitors = [DeformationMonitor(), EffectiveLearningRateMonitor()]
+        for monitor in monitors:
+            time_hooks(monitor, clock, "monitor_hooks")
+        callbacks += monitors
+    module.clock = clock
+    with tempfile.TemporaryDirectory() as directory, _timing_lightning(clock), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Trainer(
+            default_root_dir=directory,
+            accelerator="gpu" if setting.device == "cuda" else "cpu",
+            devices=1,
+            logger=CSVLogger(directory, name="csv"),
+            callbacks=callbacks,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            max_steps=setting.warmup + setting.steps,
+            log_every_n_steps=LOG_EVERY_N_STEPS,
+        )
+        trainer.fit(module, train_dataloaders=loader)
+    for step in clock.steps:
+        # The dispatch timer runs around the monitors' hooks, which have their own part.
+        step["callback_dispatch"] -= step["monitor_hooks"]
+    return clock.steps
+
+
+def timed_parts(setting: Setting, runs: int) -> dict[str, dict[str, float]]:
+    """Return the seconds per step that ``le_monitors`` adds over ``plain``, per part and in total.
+
+    For each statistic, ``"mean"`` over all timed steps (logging steps included) and ``"median"`` over them, a part's
+    figure is the median over ``runs`` of the statistic in ``le_monitors`` minus that in ``plain``. The runs
+    alternate between the two variants. The mixin's code and the monitors' hooks are zero in ``plain``. Each timer
+    costs a fraction of a microsecond, so the figures are slight overestimates.
+    """
+    loader = build_loader(setting)
+    added: dict[str, dict[str, list[float]]] = {"mean": {}, "median": {}}
+    for _ in range(runs):
+        plain = timed_parts_of_run("plain", setting, loader)
+        deformed = timed_parts_of_run("le_monitors", setting, loader)
+        for part in (*PARTS, "total"):
+            for name, statistic in (("mean", statistics.fmean), ("median", statistics.median)):
+                difference = statistic(_part_series(deformed, part)) - statistic(_part_series(plain, part))
+                added[name].setdefault(part, []).append(difference)
+    return {name: {part: statistics.median(values) for part, values in parts.items()} for name, parts in added.items()}
+
+
+def _part_series(steps: list[dict[str, float]], part: str) -> list[float]:
+    return [sum(step.values()) if part == "total" else step[part] for step in steps]
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Report
 
 
-def benchmark(setting: Setting, rounds: int, memory: bool = True, sync_check: bool = False) -> dict[str, Any]:
-    """Run ``rounds`` rounds of all variants, each round in random order, and return the summary."""
+def benchmark(
+    setting: Setting, rounds: int, memory: bool = True, sync_check: bool = False, parts_runs: int = 0
+) -> dict[str, Any]:
+    """Run ``rounds`` rounds of all variants, each round in random order, and return the summary.
+
+    With ``parts_runs`` above zero, also time the added parts directly (:func:`timed_parts`) in that many runs.
+    """
     loader = build_loader(setting)
     order_rng = random.Random(setting.seed)
     per_round: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
@@ -358,6 +594,9 @@ def benchmark(setting: Setting, rounds: int, memory: bool = True, sync_check: bo
     }
     if memory:
         summary["peak_memory_bytes"] = {variant: peak_memory(variant, setting) for variant in VARIANTS}
+    if parts_runs > 0:
+        summary["parts_runs"] = parts_runs
+        summary["added_s_by_part"] = timed_parts(setting, parts_runs)
     return summary
 
 
@@ -395,7 +634,27 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"Lightning calling two callbacks {added['plain_2_callbacks']:+.1f}, "
         f"the monitors' own hooks {added['le_monitors'] - added['le'] - added['plain_2_callbacks']:+.1f}",
     ]
+    if "added_s_by_part" in summary:
+        lines += ["", *_format_parts(summary["added_s_by_part"], summary["parts_runs"], summary["step_time_s"]["plain"])]
     return "\n".join(lines)
+
+
+def _format_parts(by_part: dict[str, dict[str, float]], runs: int, plain_step_s: float) -> list[str]:
+    mean, median = by_part["mean"], by_part["median"]
+    lines = [
+        f"le_monitors over plain, each part timed directly (µs/step, median of {runs} runs of each variant):",
+        "",
+        "| part | mean over all steps | median step |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {text} | {mean[part] * 1e6:+.1f} | {median[part] * 1e6:+.1f} |" for part, text in PARTS.items()]
+    lines += [
+        f"| total | {mean['total'] * 1e6:+.1f} | {median['total'] * 1e6:+.1f} |",
+        "",
+        f"total over all steps as a share of plain's median step ({plain_step_s * 1e3:.3f} ms): "
+        f"{mean['total'] / plain_step_s * 100:.3f} %",
+    ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -407,6 +666,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--rounds", type=int, default=5, help="rounds of all variants, each in random order")
     parser.add_argument("--batch-size", type=int, default=128, help="samples per batch")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument(
+        "--parts-runs",
+        type=int,
+        default=3,
+        help="runs of plain and le_monitors that time each added part directly (0 skips them)",
+    )
     parser.add_argument(
         "--sync-check",
         action="store_true",
@@ -426,7 +691,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     summaries = []
     for model in models:
         setting = Setting(model, arguments.batch_size, arguments.steps, arguments.warmup, arguments.device)
-        summary = benchmark(setting, arguments.rounds, memory=not arguments.no_memory, sync_check=arguments.sync_check)
+        summary = benchmark(
+            setting,
+            arguments.rounds,
+            memory=not arguments.no_memory,
+            sync_check=arguments.sync_check,
+            parts_runs=arguments.parts_runs,
+        )
         print(format_summary(summary), end="\n\n")
         summaries.append(summary)
     return summaries

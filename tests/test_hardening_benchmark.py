@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
 
@@ -23,7 +25,7 @@ def overhead():
 
 def test_benchmark_prints_ratios(overhead, capsys):
     summaries = overhead.main(["--model", "mlp", "--steps", "4", "--warmup", "2", "--rounds", "1", "--batch-size", "16",
-                               "--no-memory"])
+                               "--no-memory", "--parts-runs", "1"])
     printed = capsys.readouterr().out
 
     summary = summaries[0]
@@ -38,6 +40,10 @@ def test_benchmark_prints_ratios(overhead, capsys):
     assert "match to five decimals" in printed
     assert "Lightning calling two callbacks" in printed
     assert summary["added_us_vs_plain"]["plain"] == 0.0
+    assert set(summary["added_s_by_part"]["mean"]) == {*overhead.PARTS, "total"}
+    for text in overhead.PARTS.values():
+        assert f"| {text} |" in printed
+    assert "total over all steps as a share of plain's median step" in printed
 
 
 def _graph_node_names(tensor):
@@ -84,3 +90,76 @@ def test_peak_memory_runs_in_child(overhead):
     setting = overhead.Setting("mlp", batch_size=8, steps=2, warmup=1, device="cpu")
     peak = overhead.peak_memory("identity", setting)
     assert peak > 50 * 2**20
+
+
+class _SlowBackward(torch.autograd.Function):
+    """Identity whose backward sleeps, so the time between two marks has a known lower bound."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(0.02)
+        return grad
+
+
+def test_backward_marks_time_nodes_between(overhead):
+    clock = overhead._Clock()
+    clock.new_step()
+    weight = torch.tensor(2.0, requires_grad=True)
+    loss = weight * 3
+    output = _SlowBackward.apply(loss)
+    overhead.mark_backward(output, loss, clock)
+    output.backward()
+
+    assert 0.02 <= clock.current["deformation_backward"] < 0.5
+    assert weight.grad.item() == 3.0
+
+
+def test_backward_marks_one_tensor_hooks_only(overhead):
+    clock = overhead._Clock()
+    clock.new_step()
+    loss = torch.tensor(2.0, requires_grad=True) * 3
+    overhead.mark_backward(loss, loss, clock)
+    loss.backward()
+
+    assert 0.0 < clock.current["deformation_backward"] < 0.005
+
+
+def test_timed_hooks_add_time(overhead):
+    from lightning.pytorch import Callback
+
+    class Slow(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            time.sleep(0.01)
+            self.seen = batch_idx
+
+    callback = Slow()
+    clock = overhead._Clock()
+    clock.new_step()
+    overhead.time_hooks(callback, clock, "monitor_hooks")
+
+    callback.on_train_batch_end(None, None, None, None, 7)
+    callback.on_before_zero_grad(None, None, None)
+
+    assert callback.seen == 7
+    assert 0.01 <= clock.current["monitor_hooks"] < 1.0
+    assert clock.steps == [clock.current]
+
+
+def test_timed_runs_record_each_step(overhead):
+    setting = overhead.Setting("mlp", batch_size=8, steps=5, warmup=2, device="cpu")
+    loader = overhead.build_loader(setting)
+
+    plain = overhead.timed_parts_of_run("plain", setting, loader)
+    deformed = overhead.timed_parts_of_run("le_monitors", setting, loader)
+
+    assert len(plain) == len(deformed) == 5
+    for part in ("mixin_step", "mixin_hooks", "monitor_hooks"):
+        assert all(step[part] == 0.0 for step in plain), part
+        assert all(step[part] > 0.0 for step in deformed), part
+    assert all(step["callback_dispatch"] > 0 for step in plain + deformed)
+    with pytest.raises(ValueError, match="'plain' or 'le_monitors'.*got 'le'"):
+        overhead.timed_parts_of_run("le", setting, loader)
