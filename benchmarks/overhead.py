@@ -7,7 +7,7 @@ Seven variants train the same network on the same batches with SGD (Nesterov mom
   calling the hooks of two callbacks on every step;
 - ``identity``: :class:`~lightning_vdm.models.ImageClassifier` with ``Identity()``;
 - ``le``: ``ImageClassifier`` with ``LE(1, 0.99)``; on the CPU the mixin evaluates δ and δ' on the host and adds
-  three scalar operations;
+  one scalar multiplication;
 - ``le_autograd``: ``le`` through ``LogExp.forward`` and autograd, the mixin's path for a loss on an accelerator,
   run here on the CPU to show what the host path saves;
 - ``le_monitors``: ``le`` with ``DeformationMonitor`` and ``EffectiveLearningRateMonitor``;
@@ -343,7 +343,7 @@ def domain_check_cost_us(repeats: int = 20000) -> float:
 # Direct timing of the added parts
 
 PARTS = {
-    "mixin_step": "the mixin in training_step (wrapper, record, δ and δ' on the host, three scalar operations)",
+    "mixin_step": "the mixin in training_step (wrapper, record, δ and δ' on the host, one scalar multiplication)",
     "mixin_hooks": "the mixin's on_before_backward and on_before_optimizer_step",
     "deformation_backward": "backward through the deformation's operations",
     "monitor_hooks": "the monitors' hooks",

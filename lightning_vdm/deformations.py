@@ -218,7 +218,7 @@ class VerticalDeformation(abc.ABC):
         """Return δ(ℓ) and δ'(ℓ) of one Python float, computed in float64 on the host, or ``None``.
 
         ``VDMMixin`` uses this for a loss on the CPU, where reading it costs no synchronisation: two host floats and
-        three scalar tensor operations replace the operations and autograd nodes of :meth:`forward`. The built-in
+        one scalar multiplication replace the operations and autograd nodes of :meth:`forward`. The built-in
         families implement it with :mod:`math`. The base class returns ``None``, and the mixin then differentiates
         :meth:`forward`. A subclass that implements it must return NaN for both values outside the domain, and the
         domain is decided in float64 here, so a float32 loss within one rounding of the bound may pass here and fail

@@ -17,8 +17,8 @@ as detached tensors and without a host synchronisation. The monitors in :mod:`li
 Two ways to deform. A loss on an accelerator goes through ``deformation.forward``, and autograd differentiates it.
 A loss on the CPU, where reading it costs no synchronisation, is read once: the built-in families compute δ(ℓ) and
 δ'(ℓ) in float64 on the host (:meth:`~lightning_vdm.deformations.VerticalDeformation.value_and_derivative`), and
-the mixin returns (ℓ − ℓ)·δ'(ℓ) + δ(ℓ), whose first term is exactly zero but carries ℓ's graph: three scalar
-operations instead of five or more. Both give the gradient δ'(ℓ)·∇ℓ. A deformation of the user's own without
+the mixin returns the product ℓ·δ'(ℓ) with its value overwritten by δ(ℓ): one scalar operation with one autograd
+node instead of five or more. Both give the gradient δ'(ℓ)·∇ℓ. A deformation of the user's own without
 ``value_and_derivative`` takes the first way on the CPU too.
 
 Domain and non-finite losses. A loss outside the deformation's domain, NaN or Inf, cannot be deformed, and neither
@@ -225,8 +225,7 @@ class VDMMixin:
             detached = deformed.detach()
             self._vdm_queue_check(raw, detached)
         elif raw.device.type == "cpu" and (on_host := self._vdm_deform_on_host(loss, raw)) is not None:
-            deformed = on_host
-            detached = deformed.detach()
+            deformed, detached = on_host
         else:
             deformed = deformation.forward(promote_loss(loss))
             detached = deformed.detach()
@@ -234,37 +233,42 @@ class VDMMixin:
         records.append(VDMRecord(raw, detached, at))
         return deformed
 
-    def _vdm_deform_on_host(self, loss: Tensor, raw: Tensor) -> Tensor | None:
-        """Deform a CPU loss with the deformation's float formulas; ``None`` when it has none.
+    def _vdm_deform_on_host(self, loss: Tensor, raw: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Deform a CPU loss with the deformation's float formulas; return δ(loss) and its detached alias.
 
-        Only CPU losses come here, so ``item()`` reads host memory and waits for no device. Three scalar operations
-        then replace the five or more of ``deformation.forward`` and their autograd nodes, each of which costs
-        microseconds (benchmarks/overhead.py).
+        Return ``None`` when the deformation has no float formulas. Only CPU losses come here, so ``item()`` reads
+        host memory and waits for no device. One scalar multiplication then replaces the five or more operations of
+        ``deformation.forward`` and their autograd nodes, each of which costs microseconds (benchmarks/overhead.py).
         A loss outside the domain, NaN or Inf raises here, at its own step, with the error of
         :meth:`vdm_check_losses`.
         """
         deformation = self.deformation
         if not host_formulas_apply(deformation):
             return None
-        loss = promote_loss(loss)
-        value = loss.item()
+        promoted = promote_loss(loss)
+        value = promoted.item()
         pair = deformation.value_and_derivative(value)
         if pair is None:
             return None
         deformed_value, slope = _as_value_pair(deformation, value, pair)
-        limit = _FLOAT64_MAX if loss.dtype == torch.float64 else _FLOAT32_MAX
+        limit = _FLOAT64_MAX if promoted.dtype == torch.float64 else _FLOAT32_MAX
         if not (abs(deformed_value) <= limit and abs(slope) <= limit):
             # The loss is outside the domain or NaN, or δ or δ' exceeds the loss's dtype. Checking now raises at this
             # step for a bad loss or an infinite δ. An infinite δ' alone passes and trains through `forward`, as on a GPU.
-            deformed = deformation.forward(loss)
-            self._vdm_queue_check(raw, deformed.detach())
+            deformed = deformation.forward(promoted)
+            detached = deformed.detach()
+            self._vdm_queue_check(raw, detached)
             self.vdm_check_losses()
-            return deformed
+            return deformed, detached
         if slope == 1.0 and deformed_value == value:
-            return loss
-        # `loss - value` is exactly zero and carries the loss's graph, so the result is δ(ℓ) rounded once to the
-        # loss's dtype, and its gradient is δ'(ℓ)·∇ℓ with δ'(ℓ) rounded once.
-        return (loss - value) * slope + deformed_value
+            return promoted, raw if promoted is loss else promoted.detach()
+        # The product's backward multiplies the gradient by δ'(ℓ), rounded once to the loss's dtype. Its value is then
+        # overwritten with δ(ℓ), rounded once. That leaves backward intact because a product with a number keeps no
+        # tensor for backward, and nothing else has seen the product yet.
+        deformed = promoted * slope
+        detached = deformed.detach()
+        detached.fill_(deformed_value)
+        return deformed, detached
 
     def _vdm_deform_at_global_mean(self, loss: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
         """Return a loss whose value is δ(ℓ) and whose gradient is δ'(ℓ̄)·∇ℓ, with ℓ̄ the mean over processes."""

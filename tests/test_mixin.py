@@ -352,6 +352,30 @@ def test_cpu_loss_value_and_gradient(notation, dtype):
     torch.testing.assert_close(gradient.double(), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_value_rounded_once_one_node(dtype):
+    # The CPU path multiplies the loss by δ'(ℓ) and overwrites the product's value with δ(ℓ).
+    deformation = LogExp(1, 0.99)
+    weights = torch.tensor([0.3, -1.2, 0.8], dtype=dtype, requires_grad=True)
+    loss = _quadratic_loss(weights)
+    deformed = DeformedRegression(deformation=deformation)._vdm_deform(loss)
+
+    point = torch.tensor(loss.item(), dtype=torch.float64, requires_grad=True)
+    reference = deformation.forward(point)
+    (slope,) = torch.autograd.grad(reference, point)
+    assert deformed.item() == reference.to(dtype).item()
+    assert deformed.grad_fn.name() == "MulBackward0"
+    assert deformed.grad_fn.next_functions[0][0] is loss.grad_fn
+
+    # An operation after the mixin that keeps the deformed loss for backward sees δ(ℓ), not the product.
+    (gradient,) = torch.autograd.grad(deformed.square(), weights)
+    reference_weights = weights.detach().double().requires_grad_(True)
+    (loss_gradient,) = torch.autograd.grad(_quadratic_loss(reference_weights), reference_weights)
+    expected = 2 * reference.detach() * slope * loss_gradient
+    tolerance = {torch.float64: 1e-13, torch.float32: 1e-6}[dtype]
+    torch.testing.assert_close(gradient.double(), expected, rtol=tolerance, atol=tolerance)
+
+
 def test_custom_deformation_uses_autograd():
     # ScaledSquareRoot defines only `forward`, so the mixin differentiates it with autograd, sqrt node included.
     model = DeformedRegression(deformation=ScaledSquareRoot(3.0))
