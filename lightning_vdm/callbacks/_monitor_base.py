@@ -95,7 +95,9 @@ class _VDMMonitor(Callback):
             self._window.append(sample)
         if self.logging_interval == "epoch":
             return
-        if pl_module.automatic_optimization and trainer.fit_loop._should_accumulate():
+        # `_should_accumulate` costs microseconds on every step, and without accumulation it is always False.
+        accumulating = trainer.accumulate_grad_batches > 1 and pl_module.automatic_optimization
+        if accumulating and trainer.fit_loop._should_accumulate():
             return
 
         window, self._window = self._window, []
