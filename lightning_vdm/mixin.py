@@ -262,9 +262,8 @@ class VDMMixin:
             return deformed, detached
         if slope == 1.0 and deformed_value == value:
             return promoted, raw if promoted is loss else promoted.detach()
-        # The product's backward multiplies the gradient by δ'(ℓ), rounded once to the loss's dtype. Its value is then
-        # overwritten with δ(ℓ), rounded once. That leaves backward intact because a product with a number keeps no
-        # tensor for backward, and nothing else has seen the product yet.
+        # Backward of the product multiplies the gradient by δ'(ℓ). Overwriting its value with δ(ℓ) is safe because a
+        # product with a number saves no tensor for backward, and no other code holds the product yet.
         deformed = promoted * slope
         detached = deformed.detach()
         detached.fill_(deformed_value)

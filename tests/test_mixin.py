@@ -367,7 +367,7 @@ def test_cpu_value_rounded_once_one_node(dtype):
     assert deformed.grad_fn.name() == "MulBackward0"
     assert deformed.grad_fn.next_functions[0][0] is loss.grad_fn
 
-    # An operation after the mixin that keeps the deformed loss for backward sees δ(ℓ), not the product.
+    # An operation after the mixin that saves the deformed loss for backward gets δ(ℓ), not the product.
     (gradient,) = torch.autograd.grad(deformed.square(), weights)
     reference_weights = weights.detach().double().requires_grad_(True)
     (loss_gradient,) = torch.autograd.grad(_quadratic_loss(reference_weights), reference_weights)
