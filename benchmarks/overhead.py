@@ -332,7 +332,7 @@ def domain_check_cost_us(repeats: int = 20000) -> float:
     loss = torch.tensor(2.3)
 
     def check() -> None:
-        module._vdm_state.pending.append((0, loss, loss))
+        module._vdm_state.pending.append(((0, 0, 0), loss, loss))
         module.vdm_check_losses()
 
     check()

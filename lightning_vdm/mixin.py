@@ -25,9 +25,9 @@ Domain and non-finite losses. A loss outside the deformation's domain, NaN or In
 can a loss where δ is NaN or Inf. On the CPU, with a built-in family or a deformation that implements
 ``value_and_derivative``, the error comes at the bad step. Otherwise, to avoid a host synchronisation on every step,
 the mixin collects the detached raw losses and checks them together: every ``log_every_n_steps`` steps, at the end
-of every epoch, before every checkpoint is written, and at the end of training. The error names the global step and
-the loss value. On an accelerator, training may run up to ``log_every_n_steps - 1`` steps past the bad one before
-the error, but no checkpoint is written after it.
+of every epoch, before every checkpoint is written, and at the end of training. The error names the global step,
+the epoch, the batch index and the loss value. On an accelerator, training may run up to
+``log_every_n_steps - 1`` steps past the bad one before the error, but no checkpoint is written after it.
 
 With ``nonfinite_loss="skip"`` a NaN or Inf loss instead makes the step a no-op (Lightning skips backward and the
 optimizer step when ``training_step`` returns ``None``). That mode reads the loss on every step, which is one host
@@ -91,7 +91,8 @@ class _StepState:
     def __init__(self) -> None:
         self.records: list[VDMRecord] = []
         self.records_batch = -1
-        self.pending: list[tuple[int, Tensor, Tensor]] = []
+        # Per kept loss: (global step, epoch, batch index) or None outside a Trainer, the raw loss, and δ.
+        self.pending: list[tuple[tuple[int, int, int] | None, Tensor, Tensor]] = []
         self.step_ran = False
 
 
@@ -263,7 +264,7 @@ class VDMMixin:
         if slope == 1.0 and deformed_value == value:
             return promoted, raw if promoted is loss else promoted.detach()
         # Backward of the product multiplies the gradient by δ'(ℓ). Overwriting its value with δ(ℓ) is safe because a
-        # product with a number saves no tensor for backward, and no other code holds the product yet.
+        # product with a number saves no tensor for backward, and no other code has a reference to the product yet.
         deformed = promoted * slope
         detached = deformed.detach()
         detached.fill_(deformed_value)
@@ -286,11 +287,12 @@ class VDMMixin:
         trainer = self._trainer
         if trainer is None:
             # Called outside a Trainer (for example in a unit test): nothing to wait for.
-            self._vdm_state.pending.append((-1, raw, deformed))
+            self._vdm_state.pending.append((None, raw, deformed))
             self.vdm_check_losses()
             return
         pending = self._vdm_state.pending
-        pending.append((trainer.global_step, raw, deformed))
+        where = (trainer.global_step, trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_idx)
+        pending.append((where, raw, deformed))
         # CPU losses that take the tensor path wait too: one check costs tens of µs of tensor operations
         # (benchmarks/overhead.py), which a batched check every `log_every_n_steps` steps amortises.
         if len(pending) >= max(1, trainer.log_every_n_steps):
@@ -320,20 +322,20 @@ class VDMMixin:
             return
 
         index = int((~valid).nonzero()[0])
-        step, value = pending[index][0], losses[index].item()
+        location, value = _location_text(pending[index][0]), losses[index].item()
         if not bool(finite[index]):
             raise FloatingPointError(
-                f"The training loss is {value} at global step {step}. Training stopped before the next "
+                f"The training loss is {value} ({location}). Training stopped before the next "
                 "checkpoint. Lower the learning rate or check the data; set `nonfinite_loss='skip'` on the model "
                 "to skip such steps instead."
             )
         if not bool(inside[index]):
             raise ValueError(
-                f"The training loss {value:.9g} at global step {step} lies outside the domain of {deformation!r} "
+                f"The training loss {value:.9g} ({location}) lies outside the domain of {deformation!r} "
                 f"({_domain_text(deformation)}). Choose a deformation whose domain contains every training loss."
             )
         raise FloatingPointError(
-            f"δ(ℓ) is {deformed[index].item()} at the training loss {value:.9g} (global step {step}), although the loss "
+            f"δ(ℓ) is {deformed[index].item()} at the training loss {value:.9g} ({location}), although the loss "
             f"is inside the domain of {deformation!r} ({_domain_text(deformation)}). If δ is undefined there, "
             f"override `in_domain` and `domain` of {type(deformation).__name__}; if it overflows, compute the loss in "
             "float64 or choose other coefficients."
@@ -448,6 +450,15 @@ class VDMMixin:
             _check_same_deformation(state, checkpoint.get("hyper_parameters", {}), self)
         self.vdm_skipped_steps = state.get("skipped_steps", 0)
         super().on_load_checkpoint(checkpoint)
+
+
+def _location_text(where: tuple[int, int, int] | None) -> str:
+    """Return where a kept loss came from, for the error messages of :meth:`VDMMixin.vdm_check_losses`."""
+    if where is None:
+        return "outside a Trainer"
+    step, epoch, batch = where
+    # With gradient accumulation several batches share a global step, so the batch index identifies the batch.
+    return f"global step {step}, epoch {epoch}, batch {batch}"
 
 
 def _domain_text(deformation: VerticalDeformation) -> str:

@@ -143,7 +143,7 @@ def test_nonfinite_keeps_earlier_checkpoints(tmp_path):
         enable_checkpointing=True,
         log_every_n_steps=1,
     )
-    with pytest.raises(FloatingPointError, match="The training loss is nan at global step 3"):
+    with pytest.raises(FloatingPointError, match=r"The training loss is nan \(global step 3, epoch 0, batch 3\)"):
         trainer.fit(model, RegressionData(batch_size=8))
 
     # Steps 0-2 completed; the checkpoint after each is loadable and finite, and none exists after the bad step.

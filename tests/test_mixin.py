@@ -249,8 +249,28 @@ def test_nonfinite_loss_stops_with_step(tmp_path, bad):
             return super().training_step(batch, batch_idx)
 
     model = Breaks(deformation="LE(1, 0.9)")
-    with pytest.raises(FloatingPointError, match=f"is {bad} at global step 2"):
+    with pytest.raises(FloatingPointError, match=rf"is {bad} \(global step 2, epoch 0, batch 2\)"):
         _trainer(tmp_path, max_steps=4).fit(model, RegressionData())
+
+
+class _TensorPathLE(LogExp):
+    """LE without host formulas, so the mixin keeps CPU losses and checks them in batches, as on a GPU."""
+
+    def value_and_derivative(self, loss):
+        return None
+
+
+@pytest.mark.parametrize("deformation", [LogExp(1, 0.9), _TensorPathLE(1, 0.9)], ids=["host", "batched"])
+def test_nonfinite_loss_names_batch_accumulating(tmp_path, deformation):
+    # Eight batches per epoch and three per optimizer step: batch 4 belongs to global step 1.
+    class Breaks(DeformedRegression):
+        def training_step(self, batch, batch_idx):
+            self.hparams.offset = float("nan") if batch_idx == 4 else 1.0
+            return super().training_step(batch, batch_idx)
+
+    model = Breaks(deformation=deformation)
+    with pytest.raises(FloatingPointError, match=r"is nan \(global step 1, epoch 0, batch 4\)"):
+        _trainer(tmp_path, max_steps=2, accumulate_grad_batches=3).fit(model, RegressionData(batch_size=4))
 
 
 def test_nonfinite_loss_skip_counts_steps(tmp_path):
@@ -418,7 +438,7 @@ def test_undefined_delta_raises(tmp_path, deformation):
     # Neither class overrides `in_domain`, so the loss counts as inside. δ is NaN there, which must still stop training.
     model = DeformedRegression(deformation=deformation, offset=-30.0)
     name = type(deformation).__name__
-    with pytest.raises(FloatingPointError, match=rf"δ\(ℓ\) is nan at the training loss -\d+\.\d+ \(global step 0\).*{name}"):
+    with pytest.raises(FloatingPointError, match=rf"δ\(ℓ\) is nan at the training loss -\d+\.\d+ \(global step 0, epoch 0, batch 0\).*{name}"):
         _trainer(tmp_path, max_steps=3, log_every_n_steps=1).fit(model, RegressionData())
 
 
@@ -433,7 +453,7 @@ def test_cpu_domain_error_at_bad_step(tmp_path):
             return super().training_step(batch, batch_idx)
 
     model = Breaks(deformation="LE(1, 1.9)")
-    with pytest.raises(ValueError, match=r"loss -9\d\.\d+ at global step 3 lies outside the domain of LE\(1, 1\.9\)"):
+    with pytest.raises(ValueError, match=r"loss -9\d\.\d+ \(global step 3, epoch 0, batch 3\) lies outside the domain of LE\(1, 1\.9\)"):
         _trainer(tmp_path, max_steps=20, max_epochs=20, log_every_n_steps=50).fit(model, RegressionData())
     assert steps == [0, 1, 2, 3]
 
@@ -514,7 +534,7 @@ def test_subclass_changing_delta_skips_host_formulas():
 
 def test_subclass_domain_check_kept(tmp_path):
     model = DeformedRegression(deformation=_CappedLE(1, 0.99), offset=50.0)
-    with pytest.raises(ValueError, match=r"at global step 0 lies outside the domain of _CappedLE\(1, 0.99\) \(the losses that _CappedLE.in_domain accepts\)"):
+    with pytest.raises(ValueError, match=r"\(global step 0, epoch 0, batch 0\) lies outside the domain of _CappedLE\(1, 0.99\) \(the losses that _CappedLE.in_domain accepts\)"):
         _trainer(tmp_path, max_steps=2, log_every_n_steps=1).fit(model, RegressionData())
 
 

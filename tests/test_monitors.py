@@ -198,7 +198,7 @@ def test_out_of_domain_loss_never_logged(tmp_path):
     model = _ScriptedLoss(values=values, deformation="LE(1, 1.9)")
     callbacks = [DeformationMonitor(), EffectiveLearningRateMonitor()]
 
-    with pytest.raises(ValueError, match=r"The training loss 0.5 at global step 4 lies outside the domain of LE\(1, 1.9\)"):
+    with pytest.raises(ValueError, match=r"The training loss 0.5 \(global step 4, epoch 1, batch 0\) lies outside the domain of LE\(1, 1.9\)"):
         _fit(tmp_path, model, callbacks, max_epochs=3, log_every_n_steps=3)
 
     with open(tmp_path / "csv" / "version_0" / "metrics.csv", newline="") as file:
