@@ -184,7 +184,25 @@ class VerticalDeformation(abc.ABC):
 
         For the built-in families, :func:`parse_deformation` of this text returns an equal deformation.
         """
-        return f"{self.symbol}({', '.join(_format_exact(value) for value in self.coefficients)})"
+        return f"{self.symbol}({self._arguments_text(_format_exact)})"
+
+    def _settings(self) -> dict[str, bool | int | float | str]:
+        """Return the public attributes of plain types, where a subclass without ``coefficients`` keeps its settings."""
+        if self.coefficients:
+            return {}
+        return {
+            name: value
+            for name, value in vars(self).items()
+            if not name.startswith("_") and isinstance(value, (bool, int, float, str))
+        }
+
+    def _arguments_text(self, format_number: Callable[[float], str]) -> str:
+        if self.coefficients:
+            return ", ".join(format_number(value) for value in self.coefficients)
+        settings = self._settings().items()
+        return ", ".join(
+            f"{name}={format_number(value) if isinstance(value, float) else repr(value)}" for name, value in settings
+        )
 
     @abc.abstractmethod
     def forward(self, loss: Tensor) -> Tensor:
@@ -324,12 +342,16 @@ class VerticalDeformation(abc.ABC):
         return f"{value!r}{location}"
 
     def __repr__(self) -> str:
-        return f"{self.symbol}({', '.join(_format_short(value) for value in self.coefficients)})"
+        return f"{self.symbol}({self._arguments_text(_format_short)})"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, VerticalDeformation):
             return NotImplemented
-        return type(self) is type(other) and self.coefficients == other.coefficients
+        return (
+            type(self) is type(other)
+            and self.coefficients == other.coefficients
+            and self._settings() == other._settings()
+        )
 
     def __hash__(self) -> int:
         return hash((type(self), self.coefficients))

@@ -523,8 +523,8 @@ def _check_same_deformation(state: Mapping[str, Any], hparams: Mapping[str, Any]
             same = False
     saved_object = hparams.get("deformation")
     if same and isinstance(saved_object, VerticalDeformation) and isinstance(model.deformation, VerticalDeformation):
-        # A deformation of the user's own without `coefficients` has the notation "Name()" whatever its settings,
-        # so the pickled object from the hyperparameters is compared attribute by attribute.
+        # The notation of a deformation of the user's own shows only plain public attributes, so the pickled object
+        # from the hyperparameters is compared attribute by attribute.
         same = _same_attributes(saved_object, model.deformation)
     saved_point = state.get("derivative_at", hparams.get("derivative_at", model.derivative_at))
     if same and saved_point == model.derivative_at:

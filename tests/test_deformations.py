@@ -301,7 +301,7 @@ def test_promote_loss_dtype(dtype, expected):
     ],
     ids=["scalars", "shape-1", "mixed-shapes", "half-types", "half-and-double", "int-and-bool"],
 )
-def test_stack_scalars_matches_promoting_one_by_one(tensors, expected_dtype):
+def test_stack_scalars_matches_promotion(tensors, expected_dtype):
     stacked = stack_scalars(tensors)
 
     assert stacked.shape == (len(tensors),)
@@ -837,6 +837,28 @@ def test_equality_and_hash():
     assert Identity() == Identity()
     assert ArctanPower(5, 1, 2, 1) != "AP(5, 1, 2, 1)"
     assert len({LogExp(1, 0.9), LogExp(1.0, 0.9), parse_deformation("LE(1, 9/10)"), Identity(), Identity()}) == 2
+
+
+class _Scaled(VerticalDeformation):
+    """A deformation of one's own that keeps its settings in attributes, not in ``coefficients``."""
+
+    def __init__(self, scale: float = 2.0, mode: str = "linear") -> None:
+        self.scale = scale
+        self.mode = mode
+        self._weights = torch.ones(2)
+
+    def forward(self, loss):
+        return self.scale * loss
+
+
+def test_custom_settings_shown_and_compared():
+    assert repr(_Scaled()) == "_Scaled(scale=2, mode='linear')"
+    assert repr(_Scaled(1 / 3)) == "_Scaled(scale=0.333333, mode='linear')"
+    assert _Scaled(1 / 3).notation == "_Scaled(scale=0.3333333333333333, mode='linear')"
+    assert _Scaled() == _Scaled()
+    assert hash(_Scaled()) == hash(_Scaled())
+    assert _Scaled(2.0) != _Scaled(3.0)
+    assert _Scaled(mode="linear") != _Scaled(mode="square")
 
 
 def test_symbols():

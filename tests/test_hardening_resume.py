@@ -244,18 +244,33 @@ def test_resume_old_checkpoint_uses_hparams(tmp_path):
         resumed.fit(_model("LE(1, 0.5)"), _Data("sequential"), ckpt_path=old_path)
 
 
-def test_resume_custom_deformation_compares_attributes(tmp_path):
+class _ListScaledSquareRoot(ScaledSquareRoot):
+    """A deformation that keeps its setting in a list, which the notation does not show."""
+
+    def __init__(self, k: float) -> None:
+        self.settings = [k]
+
+    def forward(self, loss):
+        return self.settings[0] * torch.sqrt(loss + 1.0)
+
+
+@pytest.mark.parametrize(
+    ("deformation", "written"),
+    [(ScaledSquareRoot, r"ScaledSquareRoot\(k=3\)"), (_ListScaledSquareRoot, r"_ListScaledSquareRoot\(\)")],
+    ids=["plain-attribute", "list-attribute"],
+)
+def test_resume_custom_deformation_compares_attributes(tmp_path, deformation, written):
     first, checkpoint = _trainer(tmp_path, max_steps=2, version=0)
-    first.fit(DeformedRegression(deformation=ScaledSquareRoot(3.0)), _Data("sequential"))
-    # Both notations read "ScaledSquareRoot()": only the pickled attributes tell k = 3 from k = 5.
+    first.fit(DeformedRegression(deformation=deformation(3.0)), _Data("sequential"))
+    # A plain attribute appears in the notation. A list does not, so only the pickled attributes tell 3 from 5.
     resumed, _ = _trainer(tmp_path, max_steps=4, version=1)
     load = {"weights_only": False} if "weights_only" in inspect.signature(Trainer.fit).parameters else {}
 
-    with pytest.raises(DeformationMismatchError, match=r"trained with deformation='ScaledSquareRoot\(\)'"):
-        resumed.fit(DeformedRegression(deformation=ScaledSquareRoot(5.0)), _Data("sequential"), ckpt_path=checkpoint.last_model_path, **load)
+    with pytest.raises(DeformationMismatchError, match=rf"trained with deformation='{written}'"):
+        resumed.fit(DeformedRegression(deformation=deformation(5.0)), _Data("sequential"), ckpt_path=checkpoint.last_model_path, **load)
 
     same, _ = _trainer(tmp_path, max_steps=4, version=2)
-    same.fit(DeformedRegression(deformation=ScaledSquareRoot(3.0)), _Data("sequential"), ckpt_path=checkpoint.last_model_path, **load)
+    same.fit(DeformedRegression(deformation=deformation(3.0)), _Data("sequential"), ckpt_path=checkpoint.last_model_path, **load)
     assert same.global_step == 4
 
 
