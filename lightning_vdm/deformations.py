@@ -85,16 +85,28 @@ def promote_loss(loss: Tensor) -> Tensor:
 
 
 def stack_scalars(tensors: Sequence[Tensor]) -> Tensor:
-    """Stack single-element tensors into one 1-D tensor, promoted as :func:`promote_loss` does.
+    """Stack single-element tensors into one 1-D tensor, each promoted as :func:`promote_loss` does.
 
-    One ``torch.stack`` for the common case of equal shapes; tensors of differing shapes, such as ``()`` and ``(1,)``,
-    are reshaped one by one first. Mixed dtypes follow torch's type promotion.
+    Tensors of one dtype and shape take a single ``torch.stack``. Otherwise each is promoted and reshaped first, so
+    that an integer stacked with a float16 tensor does not become float16.
+
+    Raises:
+        ValueError: If a tensor has more than one element.
     """
-    try:
-        flat = torch.stack(list(tensors)).reshape(-1)
-    except RuntimeError:
-        flat = torch.stack([tensor.reshape(()) for tensor in tensors])
-    return promote_loss(flat)
+    tensors = list(tensors)
+    dtype = tensors[0].dtype
+    flat = None
+    if all(tensor.dtype is dtype for tensor in tensors):
+        try:
+            flat = promote_loss(torch.stack(tensors).reshape(-1))
+        except RuntimeError:  # shapes differ, such as () and (1,)
+            pass
+    if flat is None:
+        flat = torch.cat([promote_loss(tensor).reshape(-1) for tensor in tensors])
+    if flat.numel() != len(tensors):
+        shapes = sorted({tuple(tensor.shape) for tensor in tensors})
+        raise ValueError(f"stack_scalars needs tensors with one element each, got shapes {shapes}.")
+    return flat
 
 
 def _format_exact(value: float) -> str:

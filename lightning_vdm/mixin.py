@@ -18,8 +18,9 @@ Two ways to deform. A loss on an accelerator goes through ``deformation.forward`
 A loss on the CPU, where reading it costs no synchronisation, is read once: the built-in families compute δ(ℓ) and
 δ'(ℓ) in float64 on the host (:meth:`~lightning_vdm.deformations.VerticalDeformation.value_and_derivative`), and
 the mixin returns the product ℓ·δ'(ℓ) with its value overwritten by δ(ℓ): one scalar operation with one autograd
-node instead of five or more. Both give the gradient δ'(ℓ)·∇ℓ. A deformation of the user's own without
-``value_and_derivative`` takes the first way on the CPU too.
+node instead of five or more. Both give the gradient δ'(ℓ)·∇ℓ. The second way treats δ'(ℓ) as a constant, so
+second derivatives differ (:attr:`VDMMixin.vdm_deform_on_host` turns it off). A deformation of the user's own
+without ``value_and_derivative`` takes the first way on the CPU too.
 
 Domain and non-finite losses. A loss outside the deformation's domain, NaN or Inf, cannot be deformed, and neither
 can a loss where δ is NaN or Inf. On the CPU, with a built-in family or a deformation that implements
@@ -128,6 +129,12 @@ class VDMMixin:
     """Whether ``Trainer.fit(ckpt_path=...)`` raises when the checkpoint used another deformation (see
     :meth:`on_load_checkpoint`). Set it to ``False`` on a model to switch deformations on purpose when resuming."""
 
+    vdm_deform_on_host: bool = True
+    """Whether a CPU loss is deformed with the deformation's float formulas (see the module's documentation). Their
+    δ'(ℓ) is a constant for autograd, so a second derivative through the deformed loss, as with
+    ``manual_backward(loss, create_graph=True)``, leaves out the term δ''(ℓ)·∇ℓ∇ℓᵀ. Set it to ``False`` to
+    differentiate δ with autograd on the CPU too, as on an accelerator."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _check_base_order(cls)
@@ -225,7 +232,11 @@ class VDMMixin:
             deformed, at = self._vdm_deform_at_global_mean(loss, raw)
             detached = deformed.detach()
             self._vdm_queue_check(raw, detached)
-        elif raw.device.type == "cpu" and (on_host := self._vdm_deform_on_host(loss, raw)) is not None:
+        elif (
+            raw.device.type == "cpu"
+            and self.vdm_deform_on_host
+            and (on_host := self._vdm_deform_on_host(loss, raw)) is not None
+        ):
             deformed, detached = on_host
         else:
             deformed = deformation.forward(promote_loss(loss))

@@ -298,8 +298,11 @@ def test_promote_loss_dtype(dtype, expected):
         ([torch.tensor(0.1, dtype=torch.bfloat16), torch.tensor(2.5, dtype=torch.float16)], torch.float32),
         ([torch.tensor(0.1, dtype=torch.float16), torch.tensor(2.5, dtype=torch.float64)], torch.float64),
         ([torch.tensor(3), torch.tensor(True)], torch.float32),
+        ([torch.tensor(70000), torch.tensor(2049), torch.tensor(1.0, dtype=torch.float16)], torch.float32),
+        ([torch.tensor(257), torch.tensor(1.0, dtype=torch.bfloat16)], torch.float32),
     ],
-    ids=["scalars", "shape-1", "mixed-shapes", "half-types", "half-and-double", "int-and-bool"],
+    ids=["scalars", "shape-1", "mixed-shapes", "half-types", "half-and-double", "int-and-bool", "int-and-half",
+         "int-and-bfloat16"],
 )
 def test_stack_scalars_matches_promotion(tensors, expected_dtype):
     stacked = stack_scalars(tensors)
@@ -308,6 +311,16 @@ def test_stack_scalars_matches_promotion(tensors, expected_dtype):
     assert stacked.dtype == expected_dtype
     expected = [promote_loss(tensor).to(torch.float64).item() for tensor in tensors]
     assert stacked.to(torch.float64).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [[torch.ones(2), torch.ones(2)], [torch.ones(2), torch.ones(1)], [torch.ones(()), torch.ones(2, 1)]],
+    ids=["equal-shapes", "differing-shapes", "scalar-and-matrix"],
+)
+def test_stack_scalars_rejects_several_elements(tensors):
+    with pytest.raises(ValueError, match=r"one element each, got shapes \[.*\(2"):
+        stack_scalars(tensors)
 
 
 def test_promote_loss_keeps_object():

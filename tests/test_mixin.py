@@ -396,6 +396,25 @@ def test_cpu_value_rounded_once_one_node(dtype):
     torch.testing.assert_close(gradient.double(), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("on_host", [True, False], ids=["host", "autograd"])
+def test_second_derivative_with_host_switch(on_host):
+    # The Hessian of δ(ℓ(w)) is δ''(ℓ)·∇ℓ∇ℓᵀ + δ'(ℓ)·∇²ℓ. The host path's δ' is a constant, so it lacks the first term.
+    deformation = LogExp(1, 0.99)
+    model = DeformedRegression(deformation=deformation)
+    model.vdm_deform_on_host = on_host
+    weights = torch.tensor([0.3, -1.2, 0.8], dtype=torch.float64, requires_grad=True)
+
+    (gradient,) = torch.autograd.grad(model._vdm_deform(_quadratic_loss(weights)), weights, create_graph=True)
+    hessian = torch.stack([torch.autograd.grad(component, weights, retain_graph=True)[0] for component in gradient])
+
+    full = torch.autograd.functional.hessian(lambda w: deformation.forward(_quadratic_loss(w)), weights.detach())
+    loss = _quadratic_loss(weights.detach())
+    slope = deformation.closed_form_derivative(loss)
+    constant_slope = slope * torch.autograd.functional.hessian(_quadratic_loss, weights.detach())
+    torch.testing.assert_close(hessian, constant_slope if on_host else full, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(full, constant_slope)
+
+
 def test_custom_deformation_uses_autograd():
     # ScaledSquareRoot defines only `forward`, so the mixin differentiates it with autograd, sqrt node included.
     model = DeformedRegression(deformation=ScaledSquareRoot(3.0))
