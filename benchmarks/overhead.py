@@ -190,7 +190,7 @@ class SyncGuard(Callback):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The four variants
+# The Lightning variants
 
 
 def build_module(variant: str, setting: Setting) -> ImageClassificationModule:
@@ -642,7 +642,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 def _format_parts(by_part: dict[str, dict[str, float]], runs: int, plain_step_s: float) -> list[str]:
     mean, median = by_part["mean"], by_part["median"]
     lines = [
-        f"le_monitors over plain, each part timed directly (µs/step, median of {runs} runs of each variant):",
+        f"le_monitors over plain, each part timed directly (µs/step, median of {runs} "
+        f"{'run' if runs == 1 else 'runs'} of each variant):",
         "",
         "| part | mean over all steps | median step |",
         "|---|---|---|",

@@ -91,19 +91,22 @@ def stack_scalars(tensors: Sequence[Tensor]) -> Tensor:
     that an integer stacked with a float16 tensor does not become float16.
 
     Raises:
-        ValueError: If a tensor has more than one element.
+        ValueError: If ``tensors`` is empty or a tensor does not have exactly one element.
     """
     tensors = list(tensors)
+    if not tensors:
+        raise ValueError("stack_scalars needs at least one tensor, got none.")
     dtype = tensors[0].dtype
     flat = None
     if all(tensor.dtype is dtype for tensor in tensors):
         try:
+            # Stacking succeeds only for equal shapes, so every tensor has one element if the total count matches.
             flat = promote_loss(torch.stack(tensors).reshape(-1))
         except RuntimeError:  # shapes differ, such as () and (1,)
             pass
-    if flat is None:
-        flat = torch.cat([promote_loss(tensor).reshape(-1) for tensor in tensors])
-    if flat.numel() != len(tensors):
+    if flat is None and all(tensor.numel() == 1 for tensor in tensors):
+        flat = torch.cat([promote_loss(tensor).reshape(1) for tensor in tensors])
+    if flat is None or flat.numel() != len(tensors):
         shapes = sorted({tuple(tensor.shape) for tensor in tensors})
         raise ValueError(f"stack_scalars needs tensors with one element each, got shapes {shapes}.")
     return flat
@@ -149,8 +152,8 @@ def _validate_coefficient(family: str, name: str, value: object, accepted: str, 
 
 
 _UNDEFINED = (math.nan, math.nan)
-_HOST_CONSISTENT_METHODS = ("forward", "closed_form_derivative", "in_domain")
 """The pair :meth:`VerticalDeformation.value_and_derivative` returns outside the domain."""
+_HOST_CONSISTENT_METHODS = ("forward", "closed_form_derivative", "in_domain")
 
 
 class VerticalDeformation(abc.ABC):

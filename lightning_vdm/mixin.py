@@ -25,8 +25,9 @@ without ``value_and_derivative`` takes the first way on the CPU too.
 Domain and non-finite losses. A loss outside the deformation's domain, NaN or Inf, cannot be deformed, and neither
 can a loss where δ is NaN or Inf. On the CPU, with a built-in family or a deformation that implements
 ``value_and_derivative``, the error comes at the bad step. Otherwise, to avoid a host synchronisation on every step,
-the mixin collects the detached raw losses and checks them together: every ``log_every_n_steps`` steps, at the end
-of every epoch, before every checkpoint is written, and at the end of training. The error names the global step,
+the mixin collects the detached raw losses and checks them together: every ``log_every_n_steps`` losses (one per
+step unless gradient accumulation or several ``manual_backward`` calls deform more), at the end of every epoch,
+before every checkpoint is written, and at the end of training. The error names the global step,
 the epoch, the batch index and the loss value. On an accelerator, training may run up to
 ``log_every_n_steps - 1`` steps past the bad one before the error, but no checkpoint is written after it.
 
@@ -132,8 +133,9 @@ class VDMMixin:
     vdm_deform_on_host: bool = True
     """Whether a CPU loss is deformed with the deformation's float formulas (see the module's documentation). Their
     δ'(ℓ) is a constant for autograd, so a second derivative through the deformed loss, as with
-    ``manual_backward(loss, create_graph=True)``, leaves out the term δ''(ℓ)·∇ℓ∇ℓᵀ. Set it to ``False`` to
-    differentiate δ with autograd on the CPU too, as on an accelerator."""
+    ``loss.backward(create_graph=True)``, leaves out the term δ''(ℓ)·∇ℓ∇ℓᵀ. ``manual_backward`` with
+    ``create_graph=True`` takes the autograd path on its own. Set it to ``False`` to differentiate δ with autograd on
+    the CPU in every case, as on an accelerator."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -196,14 +198,20 @@ class VDMMixin:
         )
 
     def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
-        deformed = self._vdm_deform(loss)
+        # `Tensor.backward(gradient, retain_graph, create_graph)`: a graph for second derivatives needs δ through
+        # autograd, because the CPU path's δ' is a constant.
+        create_graph = kwargs.get("create_graph", args[2] if len(args) > 2 else False)
+        deformed = self._vdm_deform(loss, on_host=not create_graph)
         if deformed is None:
             log.debug("Skipped backward of a non-finite loss at global step %d.", self.trainer.global_step)
             return
         super().manual_backward(deformed, *args, **kwargs)
 
-    def _vdm_deform(self, loss: Tensor) -> Tensor | None:
-        """Return δ(loss) for backward and keep the detached record; ``None`` when the step is skipped."""
+    def _vdm_deform(self, loss: Tensor, on_host: bool = True) -> Tensor | None:
+        """Return δ(loss) for backward and keep the detached record; ``None`` when the step is skipped.
+
+        ``on_host=False`` keeps a CPU loss off the host path, so that autograd differentiates δ.
+        """
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(
                 "VDMMixin deforms a scalar loss; got "
@@ -234,6 +242,7 @@ class VDMMixin:
             self._vdm_queue_check(raw, detached)
         elif (
             raw.device.type == "cpu"
+            and on_host
             and self.vdm_deform_on_host
             and (on_host := self._vdm_deform_on_host(loss, raw)) is not None
         ):
@@ -259,7 +268,12 @@ class VDMMixin:
             return None
         promoted = promote_loss(loss)
         value = promoted.item()
-        pair = deformation.value_and_derivative(value)
+        try:
+            pair = deformation.value_and_derivative(value)
+        except (ArithmeticError, ValueError):
+            # A formula of the user's own written with `math` raises outside its domain instead of returning NaN.
+            # Treating the loss as undefined makes the check below raise the mixin's error, which names the step.
+            pair = (math.nan, math.nan)
         if pair is None:
             return None
         deformed_value, slope = _as_value_pair(deformation, value, pair)
@@ -540,13 +554,31 @@ def _check_same_deformation(state: Mapping[str, Any], hparams: Mapping[str, Any]
     saved_point = state.get("derivative_at", hparams.get("derivative_at", model.derivative_at))
     if same and saved_point == model.derivative_at:
         return
+    differences = ""
+    if saved == running and isinstance(saved_object, VerticalDeformation):
+        differences = f" The deformations differ in {_attribute_differences(saved_object, model.deformation)}."
     raise DeformationMismatchError(
         f"The checkpoint was trained with deformation={saved!r} and derivative_at={saved_point!r}, but the model "
-        f"being resumed uses deformation={running!r} and derivative_at={model.derivative_at!r}. Build the model "
-        "with the checkpoint's values (for example `Model.load_from_checkpoint(path)`) before `fit(ckpt_path=...)`, "
-        "or set `model.vdm_check_resumed_deformation = False` to continue with the running model's deformation "
-        "on purpose."
+        f"being resumed uses deformation={running!r} and derivative_at={model.derivative_at!r}.{differences} Build "
+        "the model with the checkpoint's values (for example `Model.load_from_checkpoint(path)`, with "
+        "`weights_only=False` for a deformation class of your own) before `fit(ckpt_path=...)`, or set "
+        "`model.vdm_check_resumed_deformation = False` to continue with the running model's deformation on purpose."
     )
+
+
+def _attribute_differences(saved: VerticalDeformation, running: VerticalDeformation) -> str:
+    """Return the attributes whose values differ between two deformations of one class, with both values."""
+    saved_attributes, running_attributes = vars(saved), vars(running)
+    parts = []
+    for name in sorted(saved_attributes.keys() | running_attributes.keys()):
+        before, now = saved_attributes.get(name), running_attributes.get(name)
+        try:
+            equal = bool(before == now)
+        except (RuntimeError, TypeError, ValueError):
+            equal = False
+        if not equal:
+            parts.append(f"`{name}`: {before!r} in the checkpoint, {now!r} now")
+    return "; ".join(parts) or "attributes that do not compare equal"
 
 
 def _same_attributes(first: VerticalDeformation, second: VerticalDeformation) -> bool:

@@ -315,12 +315,22 @@ def test_stack_scalars_matches_promotion(tensors, expected_dtype):
 
 @pytest.mark.parametrize(
     "tensors",
-    [[torch.ones(2), torch.ones(2)], [torch.ones(2), torch.ones(1)], [torch.ones(()), torch.ones(2, 1)]],
-    ids=["equal-shapes", "differing-shapes", "scalar-and-matrix"],
+    [
+        [torch.ones(2), torch.ones(2)],
+        [torch.ones(2), torch.ones(1)],
+        [torch.ones(()), torch.ones(2, 1)],
+        [torch.ones(2), torch.ones(0)],
+    ],
+    ids=["equal-shapes", "differing-shapes", "scalar-and-matrix", "two-and-empty"],
 )
 def test_stack_scalars_rejects_several_elements(tensors):
     with pytest.raises(ValueError, match=r"one element each, got shapes \[.*\(2"):
         stack_scalars(tensors)
+
+
+def test_stack_scalars_rejects_empty():
+    with pytest.raises(ValueError, match="at least one tensor, got none"):
+        stack_scalars([])
 
 
 def test_promote_loss_keeps_object():

@@ -251,3 +251,39 @@ def test_manual_skip_is_not_bypass(tmp_path):
     assert model.vdm_skipped_steps == 1
     assert [grad is None for grad in model.seen_grads] == [False, True, False]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class _SecondOrderStep(VDMMixin, LightningModule):
+    """Takes one gradient with ``create_graph=True`` and keeps it with its graph."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+        self.weights = nn.Parameter(torch.tensor([0.3, -1.2, 0.8], dtype=torch.float64))
+        self.gradient_with_graph = None
+
+    def loss_at(self, weights):
+        return (weights * torch.tensor([1.0, 0.5, 2.0], dtype=weights.dtype)).square().sum() + 0.7
+
+    def training_step(self, batch, batch_idx):
+        self.manual_backward(self.loss_at(self.weights), create_graph=True)
+        self.gradient_with_graph = self.weights.grad
+        self.weights.grad = None
+        self.optimizers().step()  # Lightning counts a global step per optimizer step, and max_steps ends the fit
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_create_graph_takes_autograd_path(tmp_path):
+    # The Hessian of δ(ℓ(w)) includes δ''(ℓ)·∇ℓ∇ℓᵀ, which a constant δ' would drop.
+    deformation = parse_deformation("LE(1, 0.99)")
+    model = _SecondOrderStep(deformation=deformation)
+    start = model.weights.detach().clone()
+
+    _fit(tmp_path, model)
+
+    direction = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    (product,) = torch.autograd.grad((model.gradient_with_graph * direction).sum(), model.weights)
+    full = torch.autograd.functional.hessian(lambda w: deformation.forward(model.loss_at(w)), start)
+    torch.testing.assert_close(product, full @ direction, rtol=1e-10, atol=1e-12)

@@ -6,11 +6,13 @@ import csv
 import inspect
 from collections import defaultdict
 
+import lightning
 import pytest
 import torch
 from lightning.pytorch import LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from packaging.version import Version
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_vdm import DeformationMismatchError, DeformationMonitor, EffectiveLearningRateMonitor, LogExp, parse_deformation
@@ -158,8 +160,24 @@ def test_resume_at_epoch_end_reshuffles(tmp_path, loader, at_epoch_end):
     assert parts[1].global_step == straight.global_step == 8
     expected, actual = _read_csv(straight), _merged(parts)
     assert all(actual["vdm/derivative"][step] == expected["vdm/derivative"][step] for step in range(4))
+    if loader == "stateful" and _resumed_epoch_draws_second_permutation():
+        assert actual["vdm/derivative"] == expected["vdm/derivative"]
+        assert torch.equal(_weights(resumed_model), _weights(straight_model))
+        return
     assert actual["vdm/derivative"][4] != expected["vdm/derivative"][4]
     assert not torch.equal(_weights(resumed_model), _weights(straight_model))
+
+
+def _resumed_epoch_draws_second_permutation() -> bool:
+    """Return whether a run resumed at an epoch's end draws the straight run's second permutation by accident.
+
+    Lightning before 2.5.3 calls ``iter()`` on the train loader twice when it resumes at an epoch boundary, in
+    ``FitLoop.setup_data`` and in ``TrainingEpochLoop.on_run_start``. torchdata 0.11's RandomSampler iterator draws
+    its permutation when it is created, so the discarded first iterator takes the first epoch's permutation from
+    the freshly seeded generator.
+    """
+    torchdata = pytest.importorskip("torchdata")
+    return Version(lightning.__version__) < Version("2.5.3") and Version(torchdata.__version__) >= Version("0.11")
 
 
 def test_resume_mid_epoch_stateful_loader_is_exact(tmp_path):
@@ -256,7 +274,10 @@ class _ListScaledSquareRoot(ScaledSquareRoot):
 
 @pytest.mark.parametrize(
     ("deformation", "written"),
-    [(ScaledSquareRoot, r"ScaledSquareRoot\(k=3\)"), (_ListScaledSquareRoot, r"_ListScaledSquareRoot\(\)")],
+    [
+        (ScaledSquareRoot, r"ScaledSquareRoot\(k=3\)'.*uses deformation='ScaledSquareRoot\(k=5\)'"),
+        (_ListScaledSquareRoot, r"_ListScaledSquareRoot\(\)'.*differ in `settings`: \[3.0\] in the checkpoint, \[5.0\] now"),
+    ],
     ids=["plain-attribute", "list-attribute"],
 )
 def test_resume_custom_deformation_compares_attributes(tmp_path, deformation, written):
@@ -266,7 +287,7 @@ def test_resume_custom_deformation_compares_attributes(tmp_path, deformation, wr
     resumed, _ = _trainer(tmp_path, max_steps=4, version=1)
     load = {"weights_only": False} if "weights_only" in inspect.signature(Trainer.fit).parameters else {}
 
-    with pytest.raises(DeformationMismatchError, match=rf"trained with deformation='{written}'"):
+    with pytest.raises(DeformationMismatchError, match=rf"trained with deformation='{written}"):
         resumed.fit(DeformedRegression(deformation=deformation(5.0)), _Data("sequential"), ckpt_path=checkpoint.last_model_path, **load)
 
     same, _ = _trainer(tmp_path, max_steps=4, version=2)

@@ -415,6 +415,28 @@ def test_second_derivative_with_host_switch(on_host):
     assert not torch.allclose(full, constant_slope)
 
 
+class _SquareRootWithMath(VerticalDeformation):
+    """δ(ℓ) = √ℓ with host formulas written with :mod:`math`, which raise for ℓ < 0 instead of returning NaN."""
+
+    def forward(self, loss):
+        return torch.sqrt(loss)
+
+    def value_and_derivative(self, loss):
+        root = math.sqrt(loss)
+        return root, 0.5 / root
+
+
+def test_raising_host_formulas_name_step(tmp_path):
+    class Negative(DeformedRegression):
+        def training_step(self, batch, batch_idx):
+            self.hparams.offset = -1e6 if self.global_step == 2 else 1.0
+            return super().training_step(batch, batch_idx)
+
+    model = Negative(deformation=_SquareRootWithMath())
+    with pytest.raises(FloatingPointError, match=r"δ\(ℓ\) is nan at the training loss -\d.*\(global step 2, epoch 0, batch 2\)"):
+        _trainer(tmp_path, max_steps=4).fit(model, RegressionData())
+
+
 def test_custom_deformation_uses_autograd():
     # ScaledSquareRoot defines only `forward`, so the mixin differentiates it with autograd, sqrt node included.
     model = DeformedRegression(deformation=ScaledSquareRoot(3.0))
