@@ -122,8 +122,10 @@ class VDMMixin:
     Raises:
         TypeError: When a class is defined with a base before ``VDMMixin`` that defines ``training_step`` or
             ``manual_backward``, so the mixin's would never run. The check runs at class definition, because with
-            that order none of the mixin's methods, ``__init__`` included, would run later.
-        ValueError: If ``nonfinite_loss`` or ``derivative_at`` is not one of the accepted values.
+            that order none of the mixin's methods, ``__init__`` included, would run later. Also when a deformation
+            is passed as a positional argument, or ``deformation`` is neither a deformation, a string nor ``None``.
+        ValueError: If ``nonfinite_loss`` or ``derivative_at`` is not one of the accepted values, or the string
+            ``deformation`` is not valid notation.
     """
 
     vdm_check_resumed_deformation: bool = True
