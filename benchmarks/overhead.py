@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import random
 import resource
@@ -193,8 +192,13 @@ class SyncGuard(Callback):
 # The Lightning variants
 
 
+def module_arguments(setting: Setting) -> dict[str, Any]:
+    """Return the arguments of ``ImageClassificationModule`` that every variant shares, with a fresh network."""
+    return dict(network=build_network(setting), num_classes=10, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+
 def build_module(variant: str, setting: Setting) -> ImageClassificationModule:
-    arguments = dict(network=build_network(setting), num_classes=10, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    arguments = module_arguments(setting)
     if variant in ("plain", "plain_2_callbacks"):
         return ImageClassificationModule(**arguments)
     if variant == "identity":
@@ -232,6 +236,14 @@ def run_lightning(variant: str, setting: Setting, loader: DataLoader, sync_check
     if variant == "plain_2_callbacks":
         callbacks += [_NoOpCallback(), _OtherNoOpCallback()]
     callbacks.append(timer)
+    fit_quietly(module, callbacks, setting, loader)
+    return _result(timer.starts, timer.losses, setting)
+
+
+def fit_quietly(
+    module: ImageClassificationModule, callbacks: list[Callback], setting: Setting, loader: DataLoader
+) -> None:
+    """Train ``module`` for ``warmup + steps`` steps with a CSVLogger in a temporary folder, warnings silenced."""
     with tempfile.TemporaryDirectory() as directory:
         trainer = Trainer(
             default_root_dir=directory,
@@ -250,7 +262,6 @@ def run_lightning(variant: str, setting: Setting, loader: DataLoader, sync_check
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer.fit(module, train_dataloaders=loader)
-    return _result(timer.starts, timer.losses, setting)
 
 
 def run_raw(setting: Setting, loader: DataLoader) -> RunResult:
@@ -400,6 +411,8 @@ class _TimedInnerStep(ImageClassificationModule):
 
 
 class _TimedPlain(_TimedInnerStep):
+    """The plain module with the same timers as ``_TimedClassifier``, as the baseline of each part."""
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = super().training_step(batch, batch_idx)
         mark_backward(loss, loss, self.clock)
@@ -498,7 +511,7 @@ def timed_parts_of_run(variant: str, setting: Setting, loader: DataLoader) -> li
     if variant not in ("plain", "le_monitors"):
         raise ValueError(f"`variant` must be 'plain' or 'le_monitors' for the timed parts, got {variant!r}.")
     clock = _Clock()
-    arguments = dict(network=build_network(setting), num_classes=10, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    arguments = module_arguments(setting)
     callbacks: list[Callback] = [_StepClock(clock, setting.warmup)]
     if variant == "plain":
         module: ImageClassificationModule = _TimedPlain(**arguments)
@@ -509,23 +522,8 @@ def timed_parts_of_run(variant: str, setting: Setting, loader: DataLoader) -> li
             time_hooks(monitor, clock, "monitor_hooks")
         callbacks += monitors
     module.clock = clock
-    with tempfile.TemporaryDirectory() as directory, _timing_lightning(clock), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = Trainer(
-            default_root_dir=directory,
-            accelerator="gpu" if setting.device == "cuda" else "cpu",
-            devices=1,
-            logger=CSVLogger(directory, name="csv"),
-            callbacks=callbacks,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            max_steps=setting.warmup + setting.steps,
-            log_every_n_steps=LOG_EVERY_N_STEPS,
-        )
-        trainer.fit(module, train_dataloaders=loader)
+    with _timing_lightning(clock):
+        fit_quietly(module, callbacks, setting, loader)
     for step in clock.steps:
         # The dispatch timer runs around the monitors' hooks, which have their own part.
         step["callback_dispatch"] -= step["monitor_hooks"]

@@ -27,9 +27,9 @@ can a loss where δ is NaN or Inf. On the CPU, with a built-in family or a defor
 ``value_and_derivative``, the error comes at the bad step. Otherwise, to avoid a host synchronisation on every step,
 the mixin collects the detached raw losses and checks them together: every ``log_every_n_steps`` losses (one per
 step unless gradient accumulation or several ``manual_backward`` calls deform more), at the end of every epoch,
-before every checkpoint is written, and at the end of training. The error names the global step,
-the epoch, the batch index and the loss value. On an accelerator, training may run up to
-``log_every_n_steps - 1`` steps past the bad one before the error, but no checkpoint is written after it.
+before every checkpoint is written, and at the end of training. The error names the global step, the epoch, the
+batch index and the loss value. On an accelerator, training may run up to ``log_every_n_steps - 1`` steps past the
+bad one before the error, but no checkpoint is written after it.
 
 With ``nonfinite_loss="skip"`` a NaN or Inf loss instead makes the step a no-op (Lightning skips backward and the
 optimizer step when ``training_step`` returns ``None``). That mode reads the loss on every step, which is one host
@@ -246,9 +246,9 @@ class VDMMixin:
             raw.device.type == "cpu"
             and on_host
             and self.vdm_deform_on_host
-            and (on_host := self._vdm_deform_on_host(loss, raw)) is not None
+            and (host_result := self._vdm_deform_on_host(loss, raw)) is not None
         ):
-            deformed, detached = on_host
+            deformed, detached = host_result
         else:
             deformed = deformation.forward(promote_loss(loss))
             detached = deformed.detach()

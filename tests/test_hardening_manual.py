@@ -254,7 +254,7 @@ def test_manual_skip_is_not_bypass(tmp_path):
 
 
 class _SecondOrderStep(VDMMixin, LightningModule):
-    """Takes one gradient with ``create_graph=True`` and keeps it with its graph."""
+    """A manual step that takes one gradient with ``create_graph=True`` and keeps it with its graph."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
